@@ -1,0 +1,56 @@
+# FastFlow research harness. `make sweep` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export MLFLOW_DISABLE_TELEMETRY := true
+
+CATEGORY ?=
+MVTEC_ROOT ?= data
+TRIALS ?=
+WORKERS ?= 1
+SPACE ?=
+CONFIG ?= experiments/demo.yaml
+PORT ?= 5000
+DASHBOARD_PORT ?= 8080
+BACKBONE ?= resnet18
+CATEGORIES ?=
+
+.PHONY: install train sweep promote test test-all test-distributed ui dashboard data paper benchmark clean
+
+install: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $(STAMP)
+
+train: install
+	$(BIN)/fastflow train --config $(CONFIG) $(if $(CATEGORY),--set data.category=$(CATEGORY) --set data.root=$(MVTEC_ROOT))
+
+sweep: install
+	$(BIN)/fastflow sweep $(if $(CATEGORY),--category $(CATEGORY) --root $(MVTEC_ROOT)) \
+		$(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS)
+
+promote: install
+	$(BIN)/fastflow promote --category $(or $(CATEGORY),synthetic)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-all: install
+	$(BIN)/python -m pytest -q -m ""
+
+ui: install
+	$(BIN)/fastflow ui --port $(PORT)
+
+dashboard: install
+	$(BIN)/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) sqlite:///mlruns/optuna.db
+
+data: install
+	$(BIN)/fastflow download mvtec --root $(MVTEC_ROOT)
+
+clean:
+	rm -rf .cache reports outputs .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,74 @@
+"""Evaluation of a FastFlow model on encoded (backbone-feature) splits."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import metrics as M
+from .anomaly_map import anomaly_map, image_score
+from .config import RunConfig
+from .data import ImageDataset, Sample
+from .features import EncodedSplit
+from .loss import nll_loss
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    scores: np.ndarray  # (N,) image scores
+    labels: np.ndarray  # (N,)
+    loss: float
+    images_per_s: float
+    shown: list[int] = field(default_factory=list)
+    shown_maps: torch.Tensor | None = None  # (k,1,S,S)
+
+    def normal_scores(self) -> np.ndarray:
+        return self.scores[self.labels == 0]
+
+    def shown_images(self, samples: list[Sample], size: int) -> torch.Tensor:
+        """The shown test images `(k,3,S,S)` in [0,1], loaded from disk (a handful per evaluation)."""
+        dataset = ImageDataset([samples[i] for i in self.shown], size)
+        return torch.stack([dataset[i][0] for i in range(len(dataset))]) if self.shown else torch.empty(0)
+
+
+def heatmap_indices(labels: torch.Tensor, count: int) -> list[int]:
+    """A fixed choice of `count` test images: about two thirds defective, the rest good, spread evenly."""
+    defective = torch.nonzero(labels == 1).flatten().tolist()
+    good = torch.nonzero(labels == 0).flatten().tolist()
+    n_defective = min(len(defective), count - min(len(good), count // 3))
+    n_good = min(len(good), count - n_defective)
+    pick = lambda rows, n: [rows[int(i)] for i in np.linspace(0, len(rows) - 1, n)] if n else []
+    return pick(defective, n_defective) + pick(good, n_good)
+
+
+@torch.inference_mode()
+def predict_maps(model, split: EncodedSplit, cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Anomaly maps `(N,1,S,S)` on the CPU, and the mean NLL loss over the split."""
+    model.eval()
+    size = (cfg.model.input_size, cfg.model.input_size)
+    maps, loss_sum = [], 0.0
+    for start in range(0, len(split), cfg.eval.batch_size):
+        indices = torch.arange(start, min(start + cfg.eval.batch_size, len(split)))
+        latents, log_jacs = model.forward_features(split.batch(indices, device))
+        loss_sum += nll_loss(latents, log_jacs).item() * len(indices)
+        maps.append(anomaly_map(cfg.model.anomaly_map, latents, log_jacs, size).cpu())
+    return torch.cat(maps), loss_sum / len(split)
+
+
+def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
+                   keep_maps: list[int] | None = None, pixel_metrics: bool = True) -> Evaluation:
+    start = time.perf_counter()
+    maps, loss = predict_maps(model, split, cfg, device)
+    scores = image_score(maps, cfg.model.image_score, cfg.model.topk_fraction).numpy()
+    images_per_s = len(split) / (time.perf_counter() - start)
+    labels = split.labels.numpy()
+    if pixel_metrics:
+        values = M.evaluate(labels, scores, split.masks[:, 0].numpy(), maps[:, 0].numpy(), cfg.eval.aupro_fpr_limit)
+    else:
+        values = {"image_auroc": M.image_auroc(labels, scores)}
+    shown = keep_maps or []
+    return Evaluation(values, scores, labels, loss, images_per_s, shown, maps[shown] if shown else None)

@@ -1,0 +1,80 @@
+"""A trained model from its checkpoint: scores and maps for images of any size and mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .anomaly_map import anomaly_map, image_score
+from .config import RunConfig, config_from_dict, replace
+from .data import image_tensor
+from .model import FastFlow
+
+
+@dataclass
+class Predictions:
+    scores: np.ndarray  # (N,) raw image scores
+    maps: np.ndarray  # (N,S,S) anomaly maps at the model's input size
+    normalized: np.ndarray  # (N,) in [0,1], the threshold maps to 0.5
+    is_anomalous: np.ndarray  # (N,) bool
+
+
+class Predictor(torch.nn.Module):
+    """FastFlow + map + score, with the threshold and score range stored at training time."""
+
+    def __init__(self, checkpoint: dict, device: str = "cpu"):
+        super().__init__()
+        self.cfg: RunConfig = config_from_dict(checkpoint["config"], "checkpoint config")
+        model_cfg = self.cfg.model
+        if any(key.startswith("backbone.") for key in checkpoint["state_dict"]):
+            model_cfg = replace(model_cfg, weights="none")  # the checkpoint carries the backbone
+        self.model = FastFlow(model_cfg)
+        self.model.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.model.eval().to(device)
+        self.device = torch.device(device)
+        self.threshold_kind = checkpoint["threshold_kind"]
+        self.threshold = float(checkpoint["thresholds"][self.threshold_kind])
+        self.thresholds = checkpoint["thresholds"]
+        self.score_range = checkpoint["score_range"]
+
+    @classmethod
+    def from_file(cls, path: Path, device: str = "cpu") -> "Predictor":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return cls(torch.load(path, map_location="cpu", weights_only=False), device)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""
+        latents, log_jacs = self.model(images)
+        size = (images.shape[-2], images.shape[-1])
+        maps = anomaly_map(self.cfg.model.anomaly_map, latents, log_jacs, size)
+        return maps, image_score(maps, self.cfg.model.image_score, self.cfg.model.topk_fraction)
+
+    def normalize(self, scores: np.ndarray) -> np.ndarray:
+        """Min-max normalization centred on the threshold (anomalib's convention): threshold -> 0.5."""
+        low, high = self.score_range
+        return np.clip((scores - self.threshold) / max(high - low, 1e-12) + 0.5, 0.0, 1.0)
+
+    @torch.inference_mode()
+    def predict_tensor(self, images: torch.Tensor) -> Predictions:
+        maps, scores = self(images.to(self.device))
+        scores_np = scores.cpu().numpy()
+        return Predictions(scores_np, maps[:, 0].cpu().numpy(), self.normalize(scores_np), scores_np > self.threshold)
+
+    def predict_images(self, images: list[Image.Image]) -> Predictions:
+        """PIL images (any size/mode already converted to RGB) -> predictions at the model's input size."""
+        size = self.cfg.model.input_size
+        return self.predict_tensor(torch.stack([image_tensor(image, size) for image in images]))
+
+    def predict_array(self, array: np.ndarray) -> Predictions:
+        """uint8 `(N,H,W,3)` or `(H,W,3)` RGB -> predictions."""
+        array = np.asarray(array)
+        if array.ndim == 3:
+            array = array[None]
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"expected uint8 images of shape (N,H,W,3), got {array.shape}")
+        return self.predict_images([Image.fromarray(a.astype(np.uint8)) for a in array])

@@ -1,0 +1,176 @@
+"""Anomaly-detection metrics: image/pixel AUROC, MVTec AUPRO and max-F1.
+
+Pure numpy / scipy / scikit-learn. Array shape conventions:
+    labels (N,) 0/1 image labels, scores (N,) image anomaly scores,
+    masks (N, H, W) bool or 0/1 ground truth, maps (N, H, W) float anomaly maps.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate"]
+
+
+def _finite(name: str, values: np.ndarray) -> np.ndarray:
+    """Return `values` as an array, raising ValueError if it holds NaN/inf."""
+    arr = np.asarray(values)
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or inf values")
+    return arr
+
+
+def _binary_labels(labels: np.ndarray, n: int) -> np.ndarray:
+    """Validate (N,) 0/1 labels matching `n` scores; return them as bool."""
+    lab = np.asarray(labels)
+    if lab.shape != (n,):
+        raise ValueError(f"labels shape {lab.shape} does not match scores shape ({n},)")
+    if not np.isin(lab, (0, 1)).all():
+        raise ValueError("labels must contain only 0/1 (or bool) values")
+    return lab.astype(bool)
+
+
+def _pixels(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Validate (N,H,W) masks/maps; return (bool masks, finite maps)."""
+    amap = _finite("maps", maps)
+    gt = np.asarray(masks)
+    if amap.ndim != 3 or gt.shape != amap.shape:
+        raise ValueError(f"masks {gt.shape} and maps {amap.shape} must both be (N, H, W)")
+    return gt != 0, amap
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Image-level ROC AUC. labels (N,) 0/1, scores (N,) higher = more anomalous."""
+    s = _finite("scores", scores).ravel()
+    y = _binary_labels(labels, s.size)
+    if y.all() or not y.any():
+        raise ValueError("image_auroc needs both normal (0) and anomalous (1) labels; "
+                         "only one class is present")
+    return float(roc_auc_score(y, s))
+
+
+def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
+    """Pixel-level ROC AUC over all pixels. masks (N,H,W), maps (N,H,W).
+
+    Exact Mann-Whitney form (ties count 1/2), equal to sklearn's roc_auc_score
+    up to float rounding but several times faster: sorts only the normal
+    pixels and binary-searches the anomalous ones.
+    """
+    gt, amap = _pixels(masks, maps)
+    gt, s = gt.ravel(), amap.ravel()
+    pos, neg = np.sort(s[gt]), np.sort(s[~gt])
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError("pixel_auroc needs both normal and anomalous pixels in masks")
+    below = np.searchsorted(neg, pos, side="left").sum(dtype=np.int64)
+    below_or_tied = np.searchsorted(neg, pos, side="right").sum(dtype=np.int64)
+    return float((int(below) + int(below_or_tied)) / (2 * pos.size * neg.size))
+
+
+def _region_weights(gt: np.ndarray) -> tuple[np.ndarray, int]:
+    """1/|region| for every ground-truth pixel, in flat (ravel) order, and #regions.
+
+    Regions are 8-connected components (3x3 ones, as in MVTec) of each image;
+    the 3D structure has no links along axis 0, so images never merge.
+    """
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True
+    labeled, n_regions = ndimage.label(gt, structure=structure)
+    region_ids = labeled.ravel()[gt.ravel()]
+    sizes = np.bincount(region_ids, minlength=n_regions + 1)
+    return 1.0 / sizes[region_ids], int(n_regions)
+
+
+def _pro_curve(gt: np.ndarray, amap: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, PRO) curve of MVTec `compute_pro`, as two float64 arrays (0,0) ... (1,1).
+
+    MVTec puts a point at every distinct score. Here only the points at distinct
+    anomalous-pixel scores q are kept, each preceded by (FPR of scores > q, previous
+    PRO); the dropped points lie on horizontal segments, so areas and the
+    interpolation at any x_max are unchanged (up to float rounding; MVTec also
+    keeps FPRs in float32). Normal pixels are sorted once, anomalous ones once.
+    """
+    weights, n_regions = _region_weights(gt)
+    if n_regions == 0:
+        raise ValueError("aupro needs at least one ground-truth region in masks")
+    scores, flat_gt = amap.ravel(), gt.ravel()
+    neg = np.sort(scores[~flat_gt])
+    if neg.size == 0:
+        raise ValueError("aupro needs at least one normal pixel in masks")
+    pos = scores[flat_gt]
+    order = np.argsort(pos)[::-1]
+    q = pos[order]
+    pro = np.cumsum(weights[order]) / n_regions
+    last = np.append(np.diff(q) != 0, True)  # last point of each tie
+    q, pro = q[last], np.minimum(pro[last], 1.0)
+    fpr_ge = (neg.size - np.searchsorted(neg, q, side="left")) / neg.size
+    fpr_gt = (neg.size - np.searchsorted(neg, q, side="right")) / neg.size
+    pro_before = np.concatenate(([0.0], pro[:-1]))
+    fprs = np.column_stack([fpr_gt, fpr_ge]).ravel()
+    pros = np.column_stack([pro_before, pro]).ravel()
+    return (np.concatenate(([0.0], fprs, [1.0, 1.0])),
+            np.concatenate(([0.0], pros, [pro[-1], 1.0])))
+
+
+def _trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
+    """Area under (x, y) on [0, x_max], interpolating y at x_max (MVTec `trapezoid`)."""
+    correction = 0.0
+    if not np.any(x == x_max):
+        ins = int(np.searchsorted(x, x_max, side="right"))  # == bisect.bisect
+        x0, x1, y0, y1 = x[ins - 1], x[ins], y[ins - 1], y[ins]
+        y_interp = y0 + (y1 - y0) * (x_max - x0) / (x1 - x0)
+        correction = 0.5 * (y_interp + y0) * (x_max - x0)
+    inside = x <= x_max
+    x, y = x[inside], y[inside]
+    return float(np.sum(0.5 * np.diff(x) * (y[1:] + y[:-1])) + correction)
+
+
+def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Normalized area under the per-region-overlap curve up to `fpr_limit`.
+
+    masks (N,H,W), maps (N,H,W). Same semantics as the MVTec AD evaluation
+    code (`compute_pro` + `trapezoid(x_max=fpr_limit)` / fpr_limit), regions
+    being 8-connected components per image. A perfect map gives 1.0.
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    gt, amap = _pixels(masks, maps)
+    fprs, pros = _pro_curve(gt, amap)
+    return _trapezoid(fprs, pros, fpr_limit) / fpr_limit
+
+
+def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """(best F1, score threshold achieving it); predicts anomalous when score >= threshold.
+
+    labels (N,) 0/1 with at least one 1, scores (N,).
+    """
+    s = _finite("scores", scores).ravel()
+    y = _binary_labels(labels, s.size)
+    if not y.any():
+        raise ValueError("f1_max needs at least one anomalous (1) label")
+    precision, recall, thresholds = precision_recall_curve(y, s)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1[:-1]))  # last PR point (recall 0) has no threshold
+    return float(f1[best]), float(thresholds[best])
+
+
+def evaluate(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
+             maps: np.ndarray, fpr_limit: float = 0.3) -> dict[str, float]:
+    """All metrics: labels/image_scores (N,), masks/maps (N,H,W).
+
+    Keys: image_auroc, f1_max, f1_threshold, and, only when masks contain an
+    anomalous pixel, pixel_auroc and aupro.
+    """
+    _finite("image_scores", image_scores)
+    gt, _ = _pixels(masks, maps)
+    f1, threshold = f1_max(labels, image_scores)
+    out = {"image_auroc": image_auroc(labels, image_scores),
+           "f1_max": f1, "f1_threshold": threshold}
+    if gt.any():
+        out["pixel_auroc"] = pixel_auroc(masks, maps)
+        out["aupro"] = aupro(masks, maps, fpr_limit)
+    return out

