@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +26,56 @@ def _train(args) -> int:
     print(f"best epoch {result.best_epoch}: {best}")
     print(f"train seconds/epoch {result.seconds_per_epoch:.1f}, flow parameters {result.flow_parameters / 1e6:.2f}M")
     return 0
+
+
+def _sweep(args) -> int:
+    from .space import load_space
+    from .sweep import SweepSettings, run_sweep, summary_table
+
+    space = load_space(args.space)
+    category = args.category or space.category
+    settings = SweepSettings(args.space, category, args.root, args.trials or space.trials, args.workers,
+                             args.study or "", args.timeout, args.objective)
+    result = run_sweep(settings)
+    print(summary_table(result, category, settings.metric))
+    if result.best_trial is not None and not args.no_promote:
+        _print_promotion(_promote_category(category, settings.metric, result.study_name, force=False))
+    return 0
+
+
+def _promote_category(category: str, metric: str, study: str, force: bool):
+    from .registry import promote
+
+    return promote(category, metric=metric, study=study, force=force)
+
+
+def _print_promotion(promotion) -> None:
+    state = "is now" if promotion.promoted else "is not"
+    print(f"registered {promotion.name} version {promotion.version} (run {promotion.run_id}, "
+          f"{promotion.value:.4f}); it {state} @champion"
+          + (f" (previous champion v{promotion.previous_champion}: {promotion.previous_value})"
+             if promotion.previous_champion else ""))
+    print(f"load it with mlflow.pyfunc.load_model('models:/{promotion.name}@champion')")
+
+
+def _promote(args) -> int:
+    metric = "val_image_auroc" if args.objective == "val" else "image_auroc"
+    _print_promotion(_promote_category(args.category, metric, args.study or "", args.force))
+    return 0
+
+
+def _ui(args) -> int:
+    import subprocess
+
+    from .tracking import LOCAL_STORE, experiment_url, tracking_uri
+
+    uri = tracking_uri()
+    print(f"MLflow UI: {experiment_url(args.experiment, args.port)}")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+               "--port", str(args.port)]
+    if uri.startswith("sqlite:"):
+        command += ["--default-artifact-root", (LOCAL_STORE / "artifacts").resolve().as_uri()]
+    return subprocess.call(command)
 
 
 def _download(args) -> int:
@@ -53,6 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     train.set_defaults(handler=_train)
 
+    sweep = commands.add_parser("sweep", help="Optuna study over a search space; every trial is an MLflow run")
+    sweep.add_argument("--space", type=Path, default=Path("sweeps/demo.yaml"))
+    sweep.add_argument("--category", default="", help="default: the space's category (synthetic for the demo)")
+    sweep.add_argument("--root", default=os.environ.get("MVTEC_ROOT", "data"), help="data root ($MVTEC_ROOT)")
+    sweep.add_argument("--trials", type=int, default=0, help="new trials to run (default: the space's)")
+    sweep.add_argument("--workers", type=int, default=1, help="parallel worker processes on the same study")
+    sweep.add_argument("--study", default="", help="study name (default fastflow-<category>-<space>)")
+    sweep.add_argument("--timeout", type=float, default=None, help="seconds per worker")
+    sweep.add_argument("--objective", choices=["test", "val"], default="test",
+                       help="test: best-epoch test image AUROC (paper protocol); val: leak-free held-out score")
+    sweep.add_argument("--no-promote", action="store_true", help="do not register/promote the best model")
+    sweep.set_defaults(handler=_sweep)
+
+    promote = commands.add_parser("promote", help="register the best run's model; move @champion if it is better")
+    promote.add_argument("--category", required=True)
+    promote.add_argument("--study", default="")
+    promote.add_argument("--objective", choices=["test", "val"], default="test")
+    promote.add_argument("--force", action="store_true", help="move @champion even if it is not better")
+    promote.set_defaults(handler=_promote)
+
+    ui = commands.add_parser("ui", help="MLflow UI on 127.0.0.1 for the local store")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--experiment", default="fastflow")
+    ui.set_defaults(handler=_ui)
+
     download = commands.add_parser("download", help="download a data set (needs internet)")
     download.add_argument("dataset", choices=["mvtec"])
     download.add_argument("--root", default="data", help="where to extract (becomes MVTEC_ROOT)")
@@ -71,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as error:
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError, LookupError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

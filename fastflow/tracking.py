@@ -128,6 +128,7 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path) -> None:
     from .mlflow_model import FastFlowPyfunc, pip_requirements
 
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the CloudPickle notice on every trial
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         info = mlflow.pyfunc.log_model(name="model", python_model=FastFlowPyfunc(),
                                        artifacts={"checkpoint": str(checkpoint_path)},
@@ -165,3 +166,40 @@ def end_run(run_id: str, status: str, error: str = "") -> None:
     if error:
         client.set_tag(run_id, "error", error[:5000])
     client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+def run_status(run_id: str) -> str:
+    return MlflowClient().get_run(run_id).info.status
+
+
+def start_parent_run(experiment: str, study_name: str, tags: dict) -> str:
+    """The study's parent run: created once, reopened (status RUNNING) when the study resumes."""
+    client = MlflowClient()
+    experiment_id = ensure_experiment(experiment, tracking_uri())
+    existing = client.search_runs([experiment_id], filter_string=f"tags.study = '{study_name}' and tags.role = 'study'",
+                                  max_results=1)
+    if existing:
+        run_id = existing[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=study_name,
+                                   tags={"role": "study", "git_commit": git_commit()}).info.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+    return run_id
+
+
+def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], status: str) -> None:
+    """Attach the study's figures and best metrics, then end the parent run."""
+    client = MlflowClient()
+    for name, figure in figures.items():
+        client.log_figure(run_id, figure, f"study/{name}")
+    if metrics:
+        MlflowTracker(run_id).log_metrics(metrics, step=0)
+    end_run(run_id, status)
+
+
+def experiment_url(experiment: str, port: int) -> str:
+    """Direct link to the runs table (MLflow 3's UI otherwise opens a GenAI overview page)."""
+    experiment_id = ensure_experiment(experiment, tracking_uri())
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"

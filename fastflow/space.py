@@ -1,0 +1,148 @@
+"""Optuna search spaces from YAML (`sweeps/*.yaml`), validated with errors naming file and key.
+
+```yaml
+preset: {type: categorical, choices: [resnet18, wide_resnet50_2]}   # experiments/<name>.yaml
+params:
+  train.lr: {type: float, low: 1.0e-4, high: 3.0e-3, log: true}
+  model.flow_steps: {type: int, low: 4, high: 12, step: 2}
+  model.anomaly_map: {type: categorical, choices: [z2, nll]}
+fixed: {train.epochs: 20}      # applied to every trial, after the preset
+category: synthetic            # default when --category is not given
+trials: 10                     # default when --trials is not given
+pruner: median                 # median | hyperband | none
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml, with_overrides
+
+PRUNERS = ("median", "hyperband", "none")
+TOP_KEYS = {"preset", "params", "fixed", "category", "trials", "pruner", "presets_dir"}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str  # categorical | int | float
+    choices: tuple = ()
+    low: float = 0.0
+    high: float = 0.0
+    step: Optional[float] = None
+    log: bool = False
+
+    def suggest(self, trial, name: str) -> Any:
+        if self.kind == "categorical":
+            return trial.suggest_categorical(name, list(self.choices))
+        if self.kind == "int":
+            return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    path: Path
+    params: dict[str, Distribution]  # "preset" or "section.key" -> distribution
+    fixed: dict[str, Any] = field(default_factory=dict)
+    category: str = "synthetic"
+    trials: int = 10
+    pruner: str = "median"
+    presets_dir: Path = Path("experiments")
+
+    def trial_config(self, sampled: dict[str, Any], category: str, root: str) -> RunConfig:
+        """Preset YAML, then the fixed values, then the sampled ones, then the category."""
+        preset = sampled.get("preset")
+        base = load_config(self.presets_dir / f"{preset}.yaml") if preset else RunConfig()
+        values = _nested({**self.fixed, **{k: v for k, v in sampled.items() if k != "preset"},
+                          "data.category": category, "data.root": root})
+        return with_overrides(base, values)
+
+
+def _nested(flat: dict[str, Any]) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        section, name = key.split(".")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _distribution(spec: Any, where: str) -> Distribution:
+    if not isinstance(spec, dict) or "type" not in spec:
+        raise ConfigError(f"{where}: expected a mapping with 'type' (categorical, int or float)")
+    kind = spec["type"]
+    allowed = {"categorical": {"type", "choices"}, "int": {"type", "low", "high", "step", "log"},
+               "float": {"type", "low", "high", "step", "log"}}
+    if kind not in allowed:
+        raise ConfigError(f"{where}.type={kind!r}; choose categorical, int or float")
+    unknown = set(spec) - allowed[kind]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)} for type {kind}; allowed: {sorted(allowed[kind])}")
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{where}.choices: expected a non-empty list")
+        return Distribution(kind, choices=tuple(choices))
+    for bound in ("low", "high"):
+        if not isinstance(spec.get(bound), (int, float)) or isinstance(spec.get(bound), bool):
+            raise ConfigError(f"{where}.{bound}: expected a number, got {spec.get(bound)!r}")
+    low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+    if low >= high:
+        raise ConfigError(f"{where}: low ({low}) must be below high ({high})")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: log scale needs low > 0, got {low}")
+    if log and spec.get("step") is not None:
+        raise ConfigError(f"{where}: step and log cannot be combined")
+    return Distribution(kind, low=low, high=high, step=spec.get("step"), log=log)
+
+
+def load_space(path: Path) -> SearchSpace:
+    """Read and validate a search space; every sampled key must be a real config key with a valid value."""
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        unknown = set(raw) - TOP_KEYS
+        if unknown:
+            raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+        params = {}
+        if "preset" in raw:
+            params["preset"] = _distribution(raw["preset"], "preset")
+        for key, spec in (raw.get("params") or {}).items():
+            if key.count(".") != 1:
+                raise ConfigError(f"params.{key}: expected a config key like train.lr")
+            params[key] = _distribution(spec, f"params.{key}")
+        fixed = raw.get("fixed") or {}
+        if not isinstance(fixed, dict) or any(str(key).count(".") != 1 for key in fixed):
+            raise ConfigError("fixed: expected a mapping of config keys like train.epochs to values")
+        pruner = raw.get("pruner", "median")
+        if pruner not in PRUNERS:
+            raise ConfigError(f"pruner={pruner!r}; choose one of {', '.join(PRUNERS)}")
+        trials = raw.get("trials", 10)
+        if not isinstance(trials, int) or trials < 1:
+            raise ConfigError(f"trials={trials!r}; expected a positive integer")
+        space = SearchSpace(path, params, fixed, str(raw.get("category", "synthetic")), trials, pruner,
+                            Path(raw.get("presets_dir", "experiments")))
+        _check_values(space)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    return space
+
+
+def _check_values(space: SearchSpace) -> None:
+    """Every preset exists and every sampled/fixed value forms a valid config (checked at the extremes)."""
+    presets = space.params["preset"].choices if "preset" in space.params else (None,)
+    for preset in presets:
+        if preset is not None and not (space.presets_dir / f"{preset}.yaml").is_file():
+            raise ConfigError(f"preset: '{preset}' has no file {space.presets_dir / (str(preset) + '.yaml')}")
+    for key, dist in space.params.items():
+        if key == "preset":
+            continue
+        values = dist.choices if dist.kind == "categorical" else (dist.low, dist.high)
+        for value in values:
+            try:
+                space.trial_config({key: value, "preset": presets[0]} if presets[0] else {key: value}, "x", "x")
+            except ConfigError as error:
+                raise ConfigError(f"params.{key}: value {value!r} is invalid ({error})") from None
+    config_from_dict(_nested({**space.fixed}), "fixed")

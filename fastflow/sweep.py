@@ -1,0 +1,258 @@
+"""Optuna study runner: one study per (category, space) in RDB storage, one nested MLflow run per trial.
+
+The runner creates storage, experiment, study and the parent run before any worker starts (first
+creation races otherwise); workers are separate processes on the same study. Heartbeats turn a
+killed worker's trial into FAIL (its MLflow run FAILED) and enqueue a retry.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional
+
+import warnings
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from .paper import paper_numbers
+from .space import SearchSpace, load_space
+from .tracking import (end_run, ensure_experiment, finish_parent_run, run_status, start_parent_run, start_run,
+                       tracking_uri)
+from .train import train_and_evaluate
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 30
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    space_path: Path
+    category: str
+    root: str
+    trials: int
+    workers: int = 1
+    study_name: str = ""
+    timeout: Optional[float] = None
+    objective: str = "test"  # test (paper protocol) | val (leak-free)
+    storage: str = ""
+    seed: int = 0
+    experiment: str = "fastflow"
+    heartbeat: int = HEARTBEAT_SECONDS
+    grace: int = GRACE_SECONDS
+    extra_fixed: dict = field(default_factory=dict)
+
+    @property
+    def metric(self) -> str:
+        return "val_image_auroc" if self.objective == "val" else "image_auroc"
+
+    def resolved_study_name(self) -> str:
+        return self.study_name or f"fastflow-{self.category}-{Path(self.space_path).stem}"
+
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        if os.environ.get("OPTUNA_STORAGE"):
+            return os.environ["OPTUNA_STORAGE"]
+        Path("mlruns").mkdir(exist_ok=True)
+        return f"sqlite:///{Path('mlruns').resolve() / 'optuna.db'}"
+
+
+class PrunedTrial(optuna.TrialPruned):
+    mlflow_status = "KILLED"
+
+
+def _mark_stale_run_failed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat-stale trial (its worker died): fail its MLflow run, then retry it once."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if run_id and run_status(run_id) == "RUNNING":
+        end_run(run_id, "FAILED", "worker died (Optuna heartbeat lost)")
+    RetryFailedTrialCallback(max_retry=1)(study, trial)
+
+
+def make_storage(settings: SweepSettings) -> RDBStorage:
+    return RDBStorage(settings.storage_url(), heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
+                      heartbeat_stale_trial_callback=_mark_stale_run_failed)
+
+
+def make_pruner(name: str) -> optuna.pruners.BasePruner:
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+
+
+def load_study(settings: SweepSettings, space: SearchSpace, worker: int = 0) -> optuna.Study:
+    """Create or resume the study. Each worker (and each resume) seeds TPE differently, so parallel
+    workers and resumed runs do not replay the same random start-up suggestions."""
+    storage = make_storage(settings)
+    name = settings.resolved_study_name()
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
+                                pruner=make_pruner(space.pruner))
+    seed = settings.seed + 1000 * worker + len(study.trials)
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    return study
+
+
+def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
+    def objective(trial: optuna.Trial) -> float:
+        sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
+        fixed = {**space.fixed, **settings.extra_fixed, "tracking.experiment": settings.experiment}
+        if settings.objective == "val":
+            fixed["eval.selection_metric"] = "val_image_auroc"
+        cfg = replace(space, fixed=fixed).trial_config(sampled, settings.category, settings.root)
+        tags = {"trial_number": trial.number, "study": settings.resolved_study_name(),
+                **{f"sampled.{k}": v for k, v in sampled.items()}}
+        with start_run(cfg, run_name=f"trial-{trial.number:03d}", parent_run_id=parent_run_id, tags=tags) as tracker:
+            trial.set_user_attr("mlflow_run_id", tracker.run_id)
+
+            def report(epoch: int, metrics: dict[str, float]) -> None:
+                trial.report(metrics[f"eval/{settings.metric}"], epoch)
+                if trial.should_prune():
+                    tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch})
+                    raise PrunedTrial(f"pruned at epoch {epoch}")
+
+            result = train_and_evaluate(cfg, tracker, report)
+            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc"):
+                if f"eval/{key}" in result.best_metrics:
+                    trial.set_user_attr(key, result.best_metrics[f"eval/{key}"])
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            return result.best_metrics[f"eval/{settings.metric}"]
+
+    return objective
+
+
+def run_worker(settings: SweepSettings, parent_run_id: str, n_trials: int, worker: int = 0) -> None:
+    """One worker process: `n_trials` trials of the shared study; failures are recorded, not fatal."""
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    space = load_space(settings.space_path)
+    study = load_study(settings, space, worker)
+    study.optimize(make_objective(settings, space, parent_run_id), n_trials=n_trials, timeout=settings.timeout,
+                   catch=(Exception,), gc_after_trial=True)
+
+
+def split_trials(trials: int, workers: int) -> list[int]:
+    return [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    parent_run_id: str
+    best_trial: Optional[FrozenTrial]
+    counts: dict[str, int]
+
+
+def run_sweep(settings: SweepSettings) -> SweepResult:
+    """Prepare storage/experiment/study/parent run, run the workers, summarize on the parent run."""
+    space = load_space(settings.space_path)
+    study = load_study(settings, space)
+    optuna.storages.fail_stale_trials(study)
+    ensure_experiment(settings.experiment, tracking_uri())
+    parent_run_id = start_parent_run(settings.experiment, settings.resolved_study_name(), {
+        "study": settings.resolved_study_name(), "storage": _redact(settings.storage_url()),
+        "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
+        "selection_protocol": "leak-free" if settings.objective == "val" else "test set (paper protocol)"})
+    status = "FINISHED"
+    try:
+        per_worker = [n for n in split_trials(settings.trials, settings.workers) if n > 0]
+        if len(per_worker) == 1:
+            run_worker(settings, parent_run_id, per_worker[0])
+        else:
+            _run_processes(settings, parent_run_id, per_worker)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        study = load_study(settings, space)
+        optuna.storages.fail_stale_trials(study)
+        finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, settings.metric), status)
+    return SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
+
+
+def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list[int]) -> None:
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=run_worker, args=(settings, parent_run_id, n, i))
+                 for i, n in enumerate(per_worker)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join()
+    except KeyboardInterrupt:
+        for process in processes:
+            process.join(timeout=30)
+        raise
+
+
+def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    return max(complete, key=lambda t: t.value) if complete else None
+
+
+def study_figures(study: optuna.Study) -> dict:
+    """Optimization history, parameter importance and parallel coordinates (those computable now)."""
+    from optuna.visualization import matplotlib as plots
+
+    figures = {}
+    for name, plot in (("optimization_history", plots.plot_optimization_history),
+                       ("param_importances", plots.plot_param_importances),
+                       ("parallel_coordinate", plots.plot_parallel_coordinate)):
+        try:
+            figures[f"{name}.png"] = plot(study).figure
+        except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
+            log.info("skipping %s: %s", name, error)
+    return figures
+
+
+def _best_metrics(study: optuna.Study, metric: str) -> dict[str, float]:
+    best = _best_trial(study)
+    if best is None:
+        return {}
+    values = {f"best/{k}": v for k, v in best.user_attrs.items() if isinstance(v, float)}
+    return {**values, f"best/{metric}": best.value, "best/trial_number": best.number}
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.trials:
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a database URL before it goes into a tag."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        credentials, host = rest.rsplit("@", 1)
+        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
+    return url
+
+
+def summary_table(result: SweepResult, category: str, metric: str) -> str:
+    """Plain-text table for the terminal: best params and AUROCs, with the paper's number when known."""
+    lines = [f"study {result.study_name}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(result.counts.items()))]
+    best = result.best_trial
+    if best is None:
+        return "\n".join(lines + ["no trial completed"])
+    lines.append(f"best trial #{best.number} ({metric} = {best.value:.4f}, epoch {best.user_attrs.get('best_epoch')})")
+    lines += [f"  {name:<24} {value}" for name, value in best.params.items()]
+    paper = paper_numbers(category)
+    lines.append(f"  {'':<24} {'ours':>8} {'paper':>8}")
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        ours = best.user_attrs.get(key)
+        theirs = paper.get(key) if paper else None
+        lines.append(f"  {key:<24} {ours if ours is None else f'{ours:.4f}':>8} "
+                     f"{'-' if theirs is None else f'{theirs:.3f}':>8}")
+    if paper:
+        lines.append("  (paper: CaiT per-category numbers, test-set selection)")
+    return "\n".join(lines)

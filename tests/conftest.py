@@ -1,0 +1,114 @@
+"""Shared fixtures: a tiny MVTec-style category, the real tire sample, fast run configs.
+
+Everything a test writes (data, feature cache, MLflow store) lives under pytest's tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from pathlib import Path  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from fastflow.config import RunConfig, load_config  # noqa: E402
+from fastflow.synthetic import SyntheticSpec, ensure_category  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "experiments" / "demo.yaml"
+TIRE_ROOT = REPO.parent / "shared" / "data" / "mvtec3d_tire"
+
+TINY_CATEGORY = "widget"
+TINY_SIZE = 64
+TINY_DEFECT = "crack"
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A smooth random RGB picture, HxWx3 uint8."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    image = np.stack([128 + 60 * np.sin(2 * np.pi * (xx + yy) * 3 + p) for p in phase], axis=-1)
+    return np.clip(image + rng.normal(0, 5, image.shape), 0, 255).astype(np.uint8)
+
+
+def write_tiny_category(root: Path, category: str = TINY_CATEGORY, n_train: int = 4, n_test_good: int = 2,
+                        n_defect: int = 2, size: int = TINY_SIZE) -> Path:
+    """`<root>/<category>/{train/good, test/good, test/crack, ground_truth/crack}` of 64-px PNGs."""
+    rng = np.random.default_rng(0)
+    folder = Path(root) / category
+    for sub in ("train/good", "test/good", f"test/{TINY_DEFECT}", f"ground_truth/{TINY_DEFECT}"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(n_train):
+        Image.fromarray(_texture(rng, size)).save(folder / "train" / "good" / f"{i:03d}.png")
+    for i in range(n_test_good):
+        Image.fromarray(_texture(rng, size)).save(folder / "test" / "good" / f"{i:03d}.png")
+    for i in range(n_defect):
+        image = _texture(rng, size)
+        mask = np.zeros((size, size), np.uint8)
+        top, left = 8 + 8 * i, 10 + 4 * i
+        mask[top:top + 12, left:left + 12] = 255
+        image[mask > 0] = (250, 20, 20)
+        Image.fromarray(image).save(folder / "test" / TINY_DEFECT / f"{i:03d}.png")
+        Image.fromarray(mask, "L").save(folder / "ground_truth" / TINY_DEFECT / f"{i:03d}_mask.png")
+    return folder
+
+
+@pytest.fixture
+def tiny_mvtec(tmp_path: Path) -> Path:
+    """The category folder `<tmp>/data/widget` (root = `.parent`, category = `.name`).
+
+    4 train/good, 2 test/good, 2 test/crack images (64x64 RGB PNG) with `crack` masks.
+    """
+    return write_tiny_category(tmp_path / "data")
+
+
+@pytest.fixture
+def tire_root() -> Path:
+    """The real MVTec 3D-AD tire RGB sample (read-only); category 'tire'."""
+    if not (TIRE_ROOT / "tire" / "train" / "good").is_dir():
+        pytest.skip(f"tire sample not found at {TIRE_ROOT}")
+    return TIRE_ROOT
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root holding the built-in synthetic category, generated once per session (~1 s)."""
+    root = tmp_path_factory.mktemp("synthetic-data")
+    ensure_category(root, SyntheticSpec(seed=0))
+    return root
+
+
+def fast_config(tmp_path: Path, *overrides: str, data_root: Path | None = None,
+                preset: Path | None = DEMO_YAML) -> RunConfig:
+    """A RunConfig for runs of seconds: demo preset at 64 px, 2 epochs, 16 train images, 2 heatmaps.
+
+    Tracking goes to `sqlite:///<tmp_path>/mlflow.db` and the feature cache to `<tmp_path>/cache`;
+    `overrides` (`section.key=value`) are applied last.
+    """
+    base = [
+        f"train.cache_dir={tmp_path / 'cache'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment=tests",
+        "model.input_size=64",
+        "train.epochs=2",
+        "train.max_train_images=16",
+        "eval.heatmap_images=2",
+    ]
+    if data_root is not None:
+        base.append(f"data.root={data_root}")
+    return load_config(preset, [*base, *overrides])
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, synthetic_root: Path) -> Callable[..., RunConfig]:
+    """`make_config(*overrides)`: `fast_config` on the session's synthetic category."""
+
+    def make(*overrides: str, preset: Path | None = DEMO_YAML) -> RunConfig:
+        return fast_config(tmp_path, *overrides, data_root=synthetic_root, preset=preset)
+
+    return make
