@@ -35,18 +35,12 @@ def _sweep(args) -> int:
     space = load_space(args.space)
     category = args.category or space.category
     settings = SweepSettings(args.space, category, args.root, args.trials or space.trials, args.workers,
-                             args.study or "", args.timeout, args.objective)
+                             args.study or "", args.timeout, args.objective, promote=not args.no_promote)
     result = run_sweep(settings)
     print(summary_table(result, category, settings.metric))
-    if result.best_trial is not None and not args.no_promote:
-        _print_promotion(_promote_category(category, settings.metric, result.study_name, force=False))
+    if result.promotion is not None:
+        _print_promotion(result.promotion)
     return 0
-
-
-def _promote_category(category: str, metric: str, study: str, force: bool):
-    from .registry import promote
-
-    return promote(category, metric=metric, study=study, force=force)
 
 
 def _print_promotion(promotion) -> None:
@@ -59,8 +53,10 @@ def _print_promotion(promotion) -> None:
 
 
 def _promote(args) -> int:
+    from .registry import promote
+
     metric = "val_image_auroc" if args.objective == "val" else "image_auroc"
-    _print_promotion(_promote_category(args.category, metric, args.study or "", args.force))
+    _print_promotion(promote(args.category, metric=metric, study=args.study, force=args.force))
     return 0
 
 

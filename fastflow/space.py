@@ -56,12 +56,12 @@ class SearchSpace:
         """Preset YAML, then the fixed values, then the sampled ones, then the category."""
         preset = sampled.get("preset")
         base = load_config(self.presets_dir / f"{preset}.yaml") if preset else RunConfig()
-        values = _nested({**self.fixed, **{k: v for k, v in sampled.items() if k != "preset"},
+        values = nested({**self.fixed, **{k: v for k, v in sampled.items() if k != "preset"},
                           "data.category": category, "data.root": root})
         return with_overrides(base, values)
 
 
-def _nested(flat: dict[str, Any]) -> dict:
+def nested(flat: dict[str, Any]) -> dict:
     nested: dict = {}
     for key, value in flat.items():
         section, name = key.split(".")
@@ -98,6 +98,14 @@ def _distribution(spec: Any, where: str) -> Distribution:
     return Distribution(kind, low=low, high=high, step=spec.get("step"), log=log)
 
 
+def _presets_dir(space_path: Path, configured: str) -> Path:
+    """Relative to the working directory, else to the project holding the space file (sweeps/../experiments)."""
+    candidate = Path(configured)
+    if candidate.is_absolute() or candidate.is_dir():
+        return candidate
+    return space_path.resolve().parent.parent / candidate
+
+
 def load_space(path: Path) -> SearchSpace:
     """Read and validate a search space; every sampled key must be a real config key with a valid value."""
     path = Path(path)
@@ -123,7 +131,7 @@ def load_space(path: Path) -> SearchSpace:
         if not isinstance(trials, int) or trials < 1:
             raise ConfigError(f"trials={trials!r}; expected a positive integer")
         space = SearchSpace(path, params, fixed, str(raw.get("category", "synthetic")), trials, pruner,
-                            Path(raw.get("presets_dir", "experiments")))
+                            _presets_dir(path, raw.get("presets_dir", "experiments")))
         _check_values(space)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
@@ -145,4 +153,4 @@ def _check_values(space: SearchSpace) -> None:
                 space.trial_config({key: value, "preset": presets[0]} if presets[0] else {key: value}, "x", "x")
             except ConfigError as error:
                 raise ConfigError(f"params.{key}: value {value!r} is invalid ({error})") from None
-    config_from_dict(_nested({**space.fixed}), "fixed")
+    config_from_dict(nested({**space.fixed}), "fixed")

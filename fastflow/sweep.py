@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +21,9 @@ from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from .paper import paper_numbers
-from .space import SearchSpace, load_space
+from .registry import Promotion, promote
+from .config import with_overrides
+from .space import SearchSpace, load_space, nested
 from .tracking import (end_run, ensure_experiment, finish_parent_run, run_status, start_parent_run, start_run,
                        tracking_uri)
 from .train import train_and_evaluate
@@ -47,7 +49,8 @@ class SweepSettings:
     experiment: str = "fastflow"
     heartbeat: int = HEARTBEAT_SECONDS
     grace: int = GRACE_SECONDS
-    extra_fixed: dict = field(default_factory=dict)
+    extra_fixed: dict = field(default_factory=dict)  # 'section.key' -> value, wins over the space
+    promote: bool = True  # register the best trial's model and move @champion if it improved
 
     @property
     def metric(self) -> str:
@@ -105,10 +108,10 @@ def load_study(settings: SweepSettings, space: SearchSpace, worker: int = 0) -> 
 def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
     def objective(trial: optuna.Trial) -> float:
         sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
-        fixed = {**space.fixed, **settings.extra_fixed, "tracking.experiment": settings.experiment}
+        forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment}
         if settings.objective == "val":
-            fixed["eval.selection_metric"] = "val_image_auroc"
-        cfg = replace(space, fixed=fixed).trial_config(sampled, settings.category, settings.root)
+            forced["eval.selection_metric"] = "val_image_auroc"
+        cfg = with_overrides(space.trial_config(sampled, settings.category, settings.root), nested(forced))
         tags = {"trial_number": trial.number, "study": settings.resolved_study_name(),
                 **{f"sampled.{k}": v for k, v in sampled.items()}}
         with start_run(cfg, run_name=f"trial-{trial.number:03d}", parent_run_id=parent_run_id, tags=tags) as tracker:
@@ -150,6 +153,7 @@ class SweepResult:
     parent_run_id: str
     best_trial: Optional[FrozenTrial]
     counts: dict[str, int]
+    promotion: Optional[Promotion] = None
 
 
 def run_sweep(settings: SweepSettings) -> SweepResult:
@@ -176,7 +180,11 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         study = load_study(settings, space)
         optuna.storages.fail_stale_trials(study)
         finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, settings.metric), status)
-    return SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
+    result = SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
+    if settings.promote and result.best_trial is not None:
+        result.promotion = promote(settings.category, settings.metric, settings.experiment,
+                                   run_id=result.best_trial.user_attrs["mlflow_run_id"])
+    return result
 
 
 def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list[int]) -> None:
@@ -208,7 +216,9 @@ def study_figures(study: optuna.Study) -> dict:
                        ("param_importances", plots.plot_param_importances),
                        ("parallel_coordinate", plots.plot_parallel_coordinate)):
         try:
-            figures[f"{name}.png"] = plot(study).figure
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                figures[f"{name}.png"] = plot(study).figure
         except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
             log.info("skipping %s: %s", name, error)
     return figures

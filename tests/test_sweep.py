@@ -1,0 +1,213 @@
+"""The sweep runner end to end: real Optuna (sqlite RDB storage) and real MLflow (sqlite store)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from fastflow.config import ConfigError
+from fastflow.registry import CHAMPION, model_name, promote
+from fastflow.space import load_space
+from fastflow.sweep import SweepSettings, run_sweep, summary_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_SPACE = """
+category: synthetic
+trials: 4
+preset: {type: categorical, choices: [efficientnet_lite0]}
+presets_dir: %(presets)s
+params:
+  model.flow_steps: {type: int, low: 2, high: 4, step: 2}
+  train.lr: {type: float, low: 5.0e-4, high: 2.0e-3, log: true}
+  model.anomaly_map: {type: categorical, choices: [z2, nll]}
+fixed:
+  model.input_size: 64
+  train.epochs: %(epochs)s
+  train.batch_size: 8
+  train.max_train_images: 16
+  train.cache_dir: %(cache)s
+  eval.heatmap_images: 2
+  eval.eval_every: 1
+pruner: median
+"""
+
+
+@pytest.fixture
+def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """MLflow and Optuna stores in tmp_path, through the same environment variables users set."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return {"tmp": tmp_path}
+
+
+def write_space(tmp_path: Path, epochs: int = 2, name: str = "tiny.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(TINY_SPACE % {"presets": REPO / "experiments", "epochs": epochs, "cache": tmp_path / "cache"})
+    return path
+
+
+def settings_for(tmp_path: Path, space: Path, synthetic_root: Path, **kwargs) -> SweepSettings:
+    defaults = dict(space_path=space, category="synthetic", root=str(synthetic_root), trials=4, workers=1,
+                    experiment="sweep-tests")
+    return SweepSettings(**{**defaults, **kwargs})
+
+
+def child_runs(parent_run_id: str, experiment: str = "sweep-tests"):
+    client = MlflowClient()
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
+    tmp = stores["tmp"]
+    settings = settings_for(tmp, write_space(tmp), synthetic_root, workers=2)
+    result = run_sweep(settings)
+
+    study = optuna.load_study(study_name=result.study_name, storage=os.environ["OPTUNA_STORAGE"])
+    states = [t.state for t in study.trials]
+    assert len(states) == 4
+    assert all(s in (TrialState.COMPLETE, TrialState.PRUNED) for s in states)
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) > 1  # workers do not replay each other
+
+    client = MlflowClient()
+    parent = client.get_run(result.parent_run_id)
+    assert parent.data.tags["study"] == result.study_name and parent.data.tags["category"] == "synthetic"
+    assert parent.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id, "study")}
+    assert "study/optimization_history.png" in artifacts
+
+    children = child_runs(result.parent_run_id)
+    assert len(children) == 4
+    run_ids = {t.user_attrs["mlflow_run_id"] for t in study.trials}
+    assert run_ids == {r.info.run_id for r in children}
+    for run in children:
+        trial = study.trials[int(run.data.tags["trial_number"])]
+        history = client.get_metric_history(run.info.run_id, "eval/image_auroc")
+        if trial.state == TrialState.COMPLETE:
+            assert run.info.status == "FINISHED"
+            assert [m.step for m in history] == [1, 2]
+            assert run.data.params["model.flow_steps"] == str(trial.params["model.flow_steps"])
+        else:
+            assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
+
+    champion = client.get_model_version_by_alias(model_name("synthetic"), CHAMPION)
+    best = result.best_trial
+    assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    loaded = mlflow.pyfunc.load_model(f"models:/{model_name('synthetic')}@{CHAMPION}")
+    import numpy as np
+    output = loaded.predict(np.zeros((1, 50, 70, 3), np.uint8))
+    assert output["scores"].shape == (1,) and output["anomaly_maps"].shape == (1, 64, 64)
+    assert "image_auroc" in summary_table(result, "synthetic", "image_auroc")
+
+    # re-running the same command resumes the study: more trials, same parent run
+    again = run_sweep(SweepSettings(**{**settings.__dict__, "trials": 1, "workers": 1}))
+    assert len(optuna.load_study(study_name=result.study_name, storage=os.environ["OPTUNA_STORAGE"]).trials) == 5
+    assert again.parent_run_id == result.parent_run_id
+    assert len(child_runs(result.parent_run_id)) == 5
+
+
+def test_diverging_trial_fails_and_study_continues(stores, synthetic_root):
+    tmp = stores["tmp"]
+    settings = settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=2)
+    # the space bounds lr, so the diverging value comes in as a forced override of the trial
+    diverging = SweepSettings(**{**settings.__dict__, "trials": 1, "extra_fixed": {"train.lr": 1.0e30}})
+    run_sweep(diverging)
+    result = run_sweep(settings)
+    trials = optuna.load_study(study_name=result.study_name, storage=os.environ["OPTUNA_STORAGE"]).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    failed_run = MlflowClient().get_run(trials[0].user_attrs["mlflow_run_id"])
+    assert failed_run.info.status == "FAILED"
+    assert "NonFiniteLossError" in failed_run.data.tags["error"]
+
+
+def test_killed_worker_trial_fails_and_is_retried(stores, synthetic_root):
+    tmp = stores["tmp"]
+    space = write_space(tmp, epochs=50)
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        from fastflow.sweep import SweepSettings, run_sweep
+        run_sweep(SweepSettings(Path({str(space)!r}), "synthetic", {str(synthetic_root)!r}, trials=1,
+                                experiment="sweep-tests", heartbeat=1, grace=3))
+    """)
+    worker = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), cwd=tmp,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    storage = os.environ["OPTUNA_STORAGE"]
+    deadline = time.time() + 240
+    running = None
+    while time.time() < deadline and running is None:
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage)
+        except KeyError:
+            continue
+        running = next((t for t in study.trials if t.state == TrialState.RUNNING
+                        and "mlflow_run_id" in t.user_attrs), None)
+    assert running is not None, "the worker never started a trial"
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    time.sleep(4)  # past the grace period: the heartbeat is stale
+
+    settings = settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=1, heartbeat=1, grace=3)
+    run_sweep(settings)
+    trials = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage).trials
+    assert TrialState.RUNNING not in [t.state for t in trials]
+    assert trials[0].state == TrialState.FAIL
+    assert MlflowClient().get_run(running.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    retried = trials[1]
+    assert retried.state == TrialState.COMPLETE and retried.params == trials[0].params
+
+
+def test_promote_moves_champion_only_on_improvement(stores, synthetic_root):
+    tmp = stores["tmp"]
+    result = run_sweep(settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=2))
+    client = MlflowClient()
+    runs = sorted(child_runs(result.parent_run_id), key=lambda r: r.data.metrics["best/image_auroc"])
+    worst, best = runs[0], runs[-1]
+    first = promote("synthetic", experiment="sweep-tests", run_id=best.info.run_id)
+    assert first.promoted
+    second = promote("synthetic", experiment="sweep-tests", run_id=worst.info.run_id)
+    champion = client.get_model_version_by_alias(model_name("synthetic"), CHAMPION)
+    if worst.data.metrics["best/image_auroc"] < best.data.metrics["best/image_auroc"]:
+        assert not second.promoted and champion.version == first.version
+    forced = promote("synthetic", experiment="sweep-tests", run_id=worst.info.run_id, force=True)
+    assert forced.promoted
+    assert client.get_model_version_by_alias(model_name("synthetic"), CHAMPION).version == forced.version
+    versions = client.search_model_versions(f"name = '{model_name('synthetic')}'")
+    assert len(versions) == 2  # nothing deleted, nothing registered twice
+
+
+@pytest.mark.parametrize("content, key", [
+    ("params:\n  train.lr: {type: float, low: 1.0, high: 0.1}\n", "params.train.lr"),
+    ("params:\n  train.lrr: {type: float, low: 0.1, high: 1.0}\n", "params.train.lrr"),
+    ("params:\n  model.flow_steps: {type: int, low: 0, high: 4}\n", "params.model.flow_steps"),
+    ("params:\n  model.anomaly_map: {type: categorical, choices: [z2, zz]}\n", "params.model.anomaly_map"),
+    ("params:\n  train.lr: {type: gaussian}\n", "params.train.lr.type"),
+    ("preset: {type: categorical, choices: [resnet19]}\n", "resnet19"),
+    ("pruner: sometimes\n", "pruner"),
+    ("trails: 3\n", "trails"),
+])
+def test_bad_space_file_names_the_key(tmp_path: Path, content: str, key: str):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_space(path)
+    assert str(path) in str(error.value) and key in str(error.value)
+
+
+def test_shipped_spaces_load():
+    for path in sorted((REPO / "sweeps").glob("*.yaml")):
+        space = load_space(path)
+        assert space.params, path
