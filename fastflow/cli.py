@@ -24,7 +24,9 @@ def _train(args) -> int:
             print(f"mlflow run: {tracker.run_id}")
     best = {k.split("/")[-1]: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("eval/")}
     print(f"best epoch {result.best_epoch}: {best}")
-    print(f"train seconds/epoch {result.seconds_per_epoch:.1f}, flow parameters {result.flow_parameters / 1e6:.2f}M")
+    print(f"train seconds/epoch {result.seconds_per_epoch:.1f}, inference {result.inference_images_per_s:.1f} images/s, "
+          f"flow parameters {result.flow_parameters / 1e6:.2f}M, peak memory "
+          + ", ".join(f"{k} {v:.0f} MB" for k, v in result.peak_memory_mb.items()))
     return 0
 
 

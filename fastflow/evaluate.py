@@ -72,3 +72,19 @@ def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.dev
         values = {"image_auroc": M.image_auroc(labels, scores)}
     shown = keep_maps or []
     return Evaluation(values, scores, labels, loss, images_per_s, shown, maps[shown] if shown else None)
+
+
+@torch.inference_mode()
+def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torch.device, max_images: int = 16) -> float:
+    """End-to-end images/s (backbone + flows + map + score) on up to `max_images` test images."""
+    model.eval()
+    dataset = ImageDataset(samples[:max_images], cfg.model.input_size)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))]).to(device)
+    size = (cfg.model.input_size, cfg.model.input_size)
+    model(images[:1])  # warm-up
+    start = time.perf_counter()
+    latents, log_jacs = model(images)
+    image_score(anomaly_map(cfg.model.anomaly_map, latents, log_jacs, size), cfg.model.image_score)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return len(images) / (time.perf_counter() - start)

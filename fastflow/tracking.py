@@ -104,7 +104,8 @@ class MlflowTracker:
         """Config, curves, best checkpoint and a loadable pyfunc model; best-epoch summary metrics."""
         summary = {f"best/{k.split('/')[-1]}": v for k, v in result.best_metrics.items() if k.startswith("eval/")}
         summary.update({"best/epoch": result.best_epoch, "train/seconds_per_epoch": result.seconds_per_epoch,
-                        "inference/images_per_s": result.inference_images_per_s})
+                        "inference/images_per_s": result.inference_images_per_s,
+                        **{f"system/peak_{k}_mb": v for k, v in result.peak_memory_mb.items()}})
         self.log_metrics(summary, step=result.best_epoch)
         figure = curves_figure(result.history)
         self.client.log_figure(self.run_id, figure, "curves.png")
@@ -143,7 +144,8 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
     uri = tracking_uri(cfg.tracking.uri)
     experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
     client = MlflowClient()
-    all_tags = {"git_commit": git_commit(), **(tags or {})}
+    # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
+    all_tags = {"git_commit": git_commit(), **{key: str(value) for key, value in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None, tags=all_tags)
@@ -203,3 +205,41 @@ def experiment_url(experiment: str, port: int) -> str:
     """Direct link to the runs table (MLflow 3's UI otherwise opens a GenAI overview page)."""
     experiment_id = ensure_experiment(experiment, tracking_uri())
     return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+
+
+# ---------------------------------------------------------------- reading runs back (report, paper)
+
+
+def finished_runs(experiment: str, filter_string: str = "", uri: str = "") -> list:
+    """Every FINISHED run of `experiment` matching `filter_string` (MLflow search syntax), newest first.
+
+    An unknown experiment raises ValueError naming the experiments that exist.
+    """
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise ValueError(f"unknown experiment '{experiment}'; experiments: {', '.join(names) or 'none'} "
+                         f"(tracking store {mlflow.get_tracking_uri()})")
+    query = " and ".join(q for q in ("attributes.status = 'FINISHED'", filter_string) if q)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([found.experiment_id], filter_string=query, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def log_report_run(experiment: str, files: list[Path], metrics: dict[str, float], uri: str = "") -> str:
+    """A FINISHED run named `report` (tag role=report) holding `files` under the artifact folder `report/`."""
+    experiment_id = ensure_experiment(experiment, tracking_uri(uri))
+    client = MlflowClient()
+    run_id = client.create_run(experiment_id, run_name="report",
+                               tags={"role": "report", "git_commit": git_commit()}).info.run_id
+    for path in files:
+        client.log_artifact(run_id, str(path), "report")
+    MlflowTracker(run_id).log_metrics(metrics, step=0)
+    end_run(run_id, "FINISHED")
+    return run_id

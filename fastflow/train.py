@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 
 from .config import RunConfig, flatten, to_dict
 from .data import ImageDataset, Splits, content_hash, make_splits
-from .evaluate import evaluate_split, heatmap_indices
+from .evaluate import evaluate_split, heatmap_indices, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
 from .model import FastFlow, count_parameters
@@ -51,6 +52,7 @@ class TrainResult:
     flow_parameters: int = 0
     seconds_per_epoch: float = 0.0
     inference_images_per_s: float = 0.0
+    peak_memory_mb: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -150,6 +152,14 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
     return total_loss / max(seen, 1), seen
 
 
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory."""
+    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
 def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
     """Norms and flows; the backbone too when its weights cannot be rebuilt from a public source."""
     keep_backbone = model.cfg.weights not in ("imagenet", "pypi")
@@ -208,7 +218,6 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                 result.best_epoch, result.best_metrics = epoch, dict(metrics)
                 result.checkpoint = make_checkpoint(model, cfg, epoch, metrics, evaluation,
                                                     validation if encoded.validation is not None else None)
-            result.inference_images_per_s = evaluation.images_per_s
             if tracker is not None:
                 tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
                                           encoded.test.masks[shown], evaluation.shown_maps)
@@ -218,6 +227,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         if on_evaluation is not None and f"eval/{cfg.eval.selection_metric}" in metrics:
             on_evaluation(epoch, metrics)
     result.seconds_per_epoch = train_seconds / cfg.train.epochs
+    result.inference_images_per_s = measure_inference(model, splits.test, cfg, device)
+    result.peak_memory_mb = peak_memory_mb(device)
     if tracker is not None:
         tracker.log_final(result, cfg)
     return result
