@@ -63,6 +63,8 @@ class TrainConfig:
     cache_dir: str = ".cache/features"
     cache_max_gb: float = 20.0
     max_train_images: int = 0  # 0: all; >0 subsamples train/good (quick experiments)
+    num_threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
+    channels_last: bool = True  # channels_last memory format on CUDA (faster convs with AMP)
 
 
 @dataclass(frozen=True)
@@ -115,16 +117,15 @@ def _check_values(cfg: RunConfig) -> None:
         ("train.warmup_epochs", 0 <= cfg.train.warmup_epochs < cfg.train.epochs, "0 <= warmup_epochs < epochs"),
         ("train.cache_max_gb", cfg.train.cache_max_gb > 0, "> 0"),
         ("train.max_train_images", cfg.train.max_train_images >= 0, ">= 0"),
+        ("train.num_threads", cfg.train.num_threads >= 0, ">= 0"),
         ("eval.eval_every", cfg.eval.eval_every >= 1, ">= 1"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
         ("eval.aupro_fpr_limit", 0 < cfg.eval.aupro_fpr_limit <= 1, "in (0, 1]"),
         ("eval.heatmap_images", cfg.eval.heatmap_images >= 0, ">= 0"),
         ("eval.val_quantile", 0 < cfg.eval.val_quantile < 1, "in (0, 1)"),
     ]
-    for mean_or_std in ("mean", "std"):
-        value = getattr(cfg.model, mean_or_std)
-        if value is not None and mean_or_std == "std":
-            checks.append(("model.std", all(s > 0 for s in value), "three positive numbers"))
+    if cfg.model.std is not None:
+        checks.append(("model.std", all(s > 0 for s in cfg.model.std), "three positive numbers"))
     for key, ok, allowed in checks:
         if not ok:
             section, name = key.split(".")

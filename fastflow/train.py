@@ -176,7 +176,11 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     if cfg.eval.selection_metric == "val_image_auroc" and not splits.validation:
         raise ValueError("eval.selection_metric=val_image_auroc needs held-out normals: a validation/good folder "
                          "or data.val_fraction > 0")
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
     model = FastFlow(cfg.model).to(device)
+    if device.type == "cuda" and cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     flow_parameters = count_parameters(model.flows)
     log.info("flow parameters: %.2fM (+%.2fM LayerNorm)", flow_parameters / 1e6, count_parameters(model.norms) / 1e6)
     if tracker is not None:
