@@ -42,11 +42,27 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
 
+# Two `fastflow sweep` workers on one study through PostgreSQL (Optuna) and `mlflow server` (PostgreSQL
+# backend, proxied artifacts), all on 127.0.0.1 in a temp dir; ~3-4 min on 2 CPU cores, not part of `make test`.
+test-distributed: install
+	bash scripts/distributed_test.sh
+
 ui: install
 	$(BIN)/fastflow ui --port $(PORT)
 
 dashboard: install
 	$(BIN)/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) sqlite:///mlruns/optuna.db
+
+# `make paper BACKBONE=resnet18 [CATEGORIES="bottle screw"] [TRIALS=N] [MVTEC_ROOT=...] [SET="train.epochs=100"]`:
+# one run (or an N-trial sweep) per category with experiments/$(BACKBONE).yaml, skipping categories already done,
+# then reports/paper_gap.{md,html,png}. Re-run the same command to resume.
+paper: install
+	$(BIN)/fastflow paper --backbone $(BACKBONE) --root $(MVTEC_ROOT) $(if $(CATEGORIES),--categories $(CATEGORIES)) \
+		$(if $(TRIALS),--trials $(TRIALS) --workers $(WORKERS)) $(foreach s,$(SET),--set $(s))
+
+.PHONY: report
+report: install
+	$(BIN)/fastflow report
 
 data: install
 	$(BIN)/fastflow download mvtec --root $(MVTEC_ROOT)

@@ -36,7 +36,8 @@ def _sweep(args) -> int:
 
     space = load_space(args.space)
     category = args.category or space.category
-    settings = SweepSettings(args.space, category, args.root, args.trials or space.trials, args.workers,
+    trials = space.trials if args.trials is None else args.trials
+    settings = SweepSettings(args.space, category, args.root, trials, args.workers,
                              args.study or "", args.timeout, args.objective, promote=not args.no_promote)
     result = run_sweep(settings)
     print(summary_table(result, category, settings.metric))
@@ -91,6 +92,55 @@ def _cache_clear(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from .predict import predict
+
+    rows = predict(args.model, args.input, Path(args.out), args.threshold, args.batch_size, args.device)
+    flagged = sum(row.is_anomalous for row in rows)
+    print(f"{len(rows)} images scored, {flagged} anomalous (threshold {rows[0].threshold_kind} = "
+          f"{rows[0].threshold:.4g}); overlays, masks and results.csv/json in {args.out}")
+    for row in rows[:10]:
+        print(f"  {'ANOMALOUS' if row.is_anomalous else 'normal   '} {row.normalized_score:.3f}  {row.image}")
+    if len(rows) > 10:
+        print(f"  ... {len(rows) - 10} more in {Path(args.out) / 'results.csv'}")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    result = write_report(args.experiment, Path(args.out))
+    print(f"{len(result.rows)} (category, backbone) rows -> " + ", ".join(str(p) for p in result.files))
+    print(f"logged to MLflow run {result.run_id} ('report' in experiment {args.experiment})")
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_model
+
+    result = export_model(args.model, args.format, Path(args.out), check=not args.no_check)
+    print(f"exported {result.format} to {result.path}")
+    if result.batch_sizes:
+        print(f"checked against PyTorch at batch sizes {list(result.batch_sizes)}: max |diff| map "
+              f"{result.max_map_diff:.2e}, score {result.max_score_diff:.2e}")
+    return 0
+
+
+def _paper(args) -> int:
+    from .paper_run import PaperSettings, run_paper
+
+    categories = tuple(c for text in args.categories for c in text.replace(",", " ").split())
+    result = run_paper(PaperSettings(args.backbone, args.root, categories, args.trials, tuple(args.set), args.space,
+                                     Path(args.out), args.workers))
+    print(f"{args.backbone}: {len(result.done)} categories run now, {len(result.skipped)} done before"
+          + (f", {len(result.failed)} failed" if result.failed else ""))
+    for category, error in result.failed.items():
+        print(f"  failed {category}: {error}")
+    if result.report is not None:
+        print("report: " + ", ".join(str(p) for p in result.report.files))
+    return 1 if result.failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastflow", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -106,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--space", type=Path, default=Path("sweeps/demo.yaml"))
     sweep.add_argument("--category", default="", help="default: the space's category (synthetic for the demo)")
     sweep.add_argument("--root", default=os.environ.get("MVTEC_ROOT", "data"), help="data root ($MVTEC_ROOT)")
-    sweep.add_argument("--trials", type=int, default=0, help="new trials to run (default: the space's)")
+    sweep.add_argument("--trials", type=int, default=None,
+                       help="new trials to run (default: the space's; 0 only prepares study and parent run)")
     sweep.add_argument("--workers", type=int, default=1, help="parallel worker processes on the same study")
     sweep.add_argument("--study", default="", help="study name (default fastflow-<category>-<space>)")
     sweep.add_argument("--timeout", type=float, default=None, help="seconds per worker")
@@ -136,6 +187,43 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("action", choices=["clear"])
     cache.add_argument("--cache-dir", default=".cache/features")
     cache.set_defaults(handler=_cache_clear)
+    predict = commands.add_parser("predict", help="score images: heatmap overlays, masks, results.csv/json")
+    predict.add_argument("--model", required=True,
+                         help="models:/<name>@<alias>, runs:/<run id>/model, a run id, or a checkpoint .pt")
+    predict.add_argument("--input", required=True, help="an image, a folder (recursive) or a quoted glob")
+    predict.add_argument("--out", default="outputs/predict", help="folder for PNGs and results.csv/json")
+    predict.add_argument("--threshold", choices=["f1", "val_quantile"], default=None,
+                         help="stored threshold to decide with (default: the one chosen at training)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    predict.set_defaults(handler=_predict)
+
+    report = commands.add_parser("report", help="our best runs vs the paper -> reports/paper_gap.{md,html,png}")
+    report.add_argument("--experiment", default="fastflow")
+    report.add_argument("--out", default="reports")
+    report.set_defaults(handler=_report)
+
+    export = commands.add_parser("export", help="ONNX or TorchScript graph of backbone + flow + map + score")
+    export.add_argument("--model", required=True,
+                        help="models:/<name>@<alias>, runs:/<run id>/model, a run id, or a checkpoint .pt")
+    export.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    export.add_argument("--out", required=True, help="output file, e.g. fastflow.onnx")
+    export.add_argument("--no-check", action="store_true", help="skip the comparison with PyTorch")
+    export.set_defaults(handler=_export)
+
+    paper = commands.add_parser("paper", help="train (or sweep) one backbone over the categories, resumably; "
+                                              "then the report")
+    paper.add_argument("--backbone", default="resnet18", help="preset in experiments/ (resnet18, cait, ...)")
+    paper.add_argument("--categories", nargs="*", default=[],
+                       help="default: the MVTec AD categories under --root, else every category there")
+    paper.add_argument("--trials", type=int, default=0, help="0: one run per category; N: an N-trial sweep")
+    paper.add_argument("--root", default=os.environ.get("MVTEC_ROOT", "data"), help="data root ($MVTEC_ROOT)")
+    paper.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override for every run, e.g. --set train.epochs=100 (repeatable)")
+    paper.add_argument("--space", type=Path, default=Path("sweeps/default.yaml"), help="sweep space with --trials")
+    paper.add_argument("--workers", type=int, default=1, help="sweep workers with --trials")
+    paper.add_argument("--out", default="reports", help="report folder")
+    paper.set_defaults(handler=_paper)
     return parser
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
+import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -30,6 +33,7 @@ from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+PARENT_ATTR = "mlflow_parent_run_id"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 
@@ -94,15 +98,37 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
 
 
 def load_study(settings: SweepSettings, space: SearchSpace, worker: int = 0) -> optuna.Study:
-    """Create or resume the study. Each worker (and each resume) seeds TPE differently, so parallel
-    workers and resumed runs do not replay the same random start-up suggestions."""
-    storage = make_storage(settings)
-    name = settings.resolved_study_name()
-    study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True,
-                                pruner=make_pruner(space.pruner))
-    seed = settings.seed + 1000 * worker + len(study.trials)
-    study.sampler = optuna.samplers.TPESampler(seed=seed)
+    """Create or resume the study. TPE's seed mixes the worker index, the trials so far and the host,
+    so parallel workers, other machines and resumed runs do not replay the same start-up suggestions."""
+    study, _ = _create_or_load(settings, space)
+    host = zlib.crc32(socket.gethostname().encode()) % 10_000
+    study.sampler = optuna.samplers.TPESampler(seed=settings.seed + 1000 * worker + len(study.trials) + host)
     return study
+
+
+def _create_or_load(settings: SweepSettings, space: SearchSpace) -> tuple[optuna.Study, bool]:
+    """(study, created by this call) — the database's unique study name decides who created it."""
+    kwargs = dict(study_name=settings.resolved_study_name(), storage=make_storage(settings))
+    try:
+        return optuna.create_study(direction="maximize", pruner=make_pruner(space.pruner), **kwargs), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(pruner=make_pruner(space.pruner), **kwargs), False
+
+
+def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float = 120.0) -> str:
+    """The study's one MLflow parent run. Its creator stores the id on the study; processes that
+    merely load the study wait for it, so workers started together never create two parents."""
+    study, created = _create_or_load(settings, space)
+    tags = {"study": settings.resolved_study_name(), "storage": _redact(settings.storage_url()),
+            "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
+            "selection_protocol": "leak-free" if settings.objective == "val" else "test set (paper protocol)"}
+    deadline = time.monotonic() + (0 if created else wait_seconds)
+    while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(1)
+        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
+    run_id = start_parent_run(settings.experiment, study.study_name, tags, study.user_attrs.get(PARENT_ATTR))
+    study.set_user_attr(PARENT_ATTR, run_id)
+    return run_id
 
 
 def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
@@ -159,13 +185,9 @@ class SweepResult:
 def run_sweep(settings: SweepSettings) -> SweepResult:
     """Prepare storage/experiment/study/parent run, run the workers, summarize on the parent run."""
     space = load_space(settings.space_path)
-    study = load_study(settings, space)
-    optuna.storages.fail_stale_trials(study)
     ensure_experiment(settings.experiment, tracking_uri())
-    parent_run_id = start_parent_run(settings.experiment, settings.resolved_study_name(), {
-        "study": settings.resolved_study_name(), "storage": _redact(settings.storage_url()),
-        "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
-        "selection_protocol": "leak-free" if settings.objective == "val" else "test set (paper protocol)"})
+    parent_run_id = parent_run(settings, space)
+    optuna.storages.fail_stale_trials(load_study(settings, space))
     status = "FINISHED"
     try:
         per_worker = [n for n in split_trials(settings.trials, settings.workers) if n > 0]

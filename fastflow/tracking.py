@@ -174,18 +174,15 @@ def run_status(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.status
 
 
-def start_parent_run(experiment: str, study_name: str, tags: dict) -> str:
-    """The study's parent run: created once, reopened (status RUNNING) when the study resumes."""
+def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optional[str] = None) -> str:
+    """Reopen the study's parent run `run_id` (status RUNNING), or create it; then (re)set its tags."""
     client = MlflowClient()
     experiment_id = ensure_experiment(experiment, tracking_uri())
-    existing = client.search_runs([experiment_id], filter_string=f"tags.study = '{study_name}' and tags.role = 'study'",
-                                  max_results=1)
-    if existing:
-        run_id = existing[0].info.run_id
+    if run_id:
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=study_name,
-                                   tags={"role": "study", "git_commit": git_commit()}).info.run_id
+                                   tags={"role": "study", "study": study_name, "git_commit": git_commit()}).info.run_id
     for key, value in tags.items():
         client.set_tag(run_id, key, str(value))
     return run_id
