@@ -51,7 +51,7 @@ ui: install
 	$(BIN)/fastflow ui --port $(PORT)
 
 dashboard: install
-	$(BIN)/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) sqlite:///mlruns/optuna.db
+	$(BIN)/optuna-dashboard --host 127.0.0.1 --port $(DASHBOARD_PORT) $${OPTUNA_STORAGE:-sqlite:///mlruns/optuna.db}
 
 # `make paper BACKBONE=resnet18 [CATEGORIES="bottle screw"] [TRIALS=N] [MVTEC_ROOT=...] [SET="train.epochs=100"]`:
 # one run (or an N-trial sweep) per category with experiments/$(BACKBONE).yaml, skipping categories already done,
