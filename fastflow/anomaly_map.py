@@ -41,6 +41,6 @@ def image_score(maps: torch.Tensor, mode: str = "max", topk_fraction: float = 0.
     if mode == "max":
         return flat.max(dim=1).values
     if mode == "topk":
-        k = max(1, int(round(flat.shape[1] * topk_fraction)))
+        k = max(1, int(round(int(flat.shape[1]) * topk_fraction)))  # int(): traceable for export
         return flat.topk(k, dim=1).values.mean(dim=1)
     raise ValueError(f"unknown image score '{mode}'; known: max, topk")

@@ -33,7 +33,10 @@ class Predictor(torch.nn.Module):
         if any(key.startswith("backbone.") for key in checkpoint["state_dict"]):
             model_cfg = replace(model_cfg, weights="none")  # the checkpoint carries the backbone
         self.model = FastFlow(model_cfg)
-        self.model.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing, unexpected = self.model.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [key for key in missing if not key.startswith("backbone.")]  # rebuilt from its weights source
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.threshold_kind = checkpoint["threshold_kind"]
@@ -63,7 +66,7 @@ class Predictor(torch.nn.Module):
     def predict_tensor(self, images: torch.Tensor) -> Predictions:
         maps, scores = self(images.to(self.device))
         scores_np = scores.cpu().numpy()
-        return Predictions(scores_np, maps[:, 0].cpu().numpy(), self.normalize(scores_np), scores_np > self.threshold)
+        return Predictions(scores_np, maps[:, 0].cpu().numpy(), self.normalize(scores_np), scores_np >= self.threshold)  # as F1-max counts score >= threshold
 
     def predict_images(self, images: list[Image.Image]) -> Predictions:
         """PIL images (any size/mode already converted to RGB) -> predictions at the model's input size."""

@@ -86,3 +86,47 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     is_champion = promoted or (champion is not None and champion.version == version.version)
     return Promotion(name, version.version, run.info.run_id, value, is_champion,
                      champion.version if champion else None, previous_value)
+
+
+# ---------------------------------------------------------------- loading logged models (predict, export)
+
+
+def registered_model_names() -> list[str]:
+    return sorted(model.name for model in MlflowClient().search_registered_models())
+
+
+def _check_model_uri(uri: str) -> None:
+    """Fail early, naming what exists, when a `models:/` URI names an unknown model, alias or version."""
+    client = MlflowClient()
+    spec = uri.removeprefix("models:/").strip("/")
+    name, alias, version = spec, None, None
+    if "@" in spec:
+        name, alias = spec.split("@", 1)
+    elif "/" in spec:
+        name, version = spec.split("/", 1)
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise ValueError(f"unknown registered model '{name}' ({uri}); registered models: "
+                         f"{', '.join(registered_model_names()) or 'none'} "
+                         f"(tracking store {mlflow.get_tracking_uri()})") from None
+    if alias is not None and alias not in (model.aliases or {}):
+        raise ValueError(f"model '{name}' has no alias '{alias}'; aliases: "
+                         f"{', '.join(sorted(model.aliases or {})) or 'none'}")
+    if version is not None and version.isdigit():
+        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        if int(version) not in versions:
+            raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions))}")
+
+
+def load_logged_predictor(uri: str):
+    """`models:/<name>@<alias>`, `models:/<name>/<version>` or `runs:/<run id>/model` -> its `inference.Predictor`."""
+    mlflow.set_tracking_uri(tracking_uri())
+    if uri.startswith("models:/"):
+        _check_model_uri(uri)
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # pip-version notices on every load
+    try:
+        model = mlflow.pyfunc.load_model(uri)
+    except MlflowException as error:
+        raise ValueError(f"cannot load model {uri}: {error.message}") from None
+    return model.unwrap_python_model().predictor

@@ -27,7 +27,7 @@ from .paper import paper_numbers
 from .registry import Promotion, promote
 from .config import with_overrides
 from .space import SearchSpace, load_space, nested
-from .tracking import (end_run, ensure_experiment, finish_parent_run, run_status, start_parent_run, start_run,
+from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status, start_parent_run, start_run,
                        tracking_uri)
 from .train import train_and_evaluate
 
@@ -122,11 +122,12 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
     tags = {"study": settings.resolved_study_name(), "storage": _redact(settings.storage_url()),
             "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
             "selection_protocol": "leak-free" if settings.objective == "val" else "test set (paper protocol)"}
-    deadline = time.monotonic() + (0 if created else wait_seconds)
-    while PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
+    known = study.user_attrs.get(PARENT_ATTR) or find_parent_run(settings.experiment, study.study_name)
+    deadline = time.monotonic() + (0 if created or known else wait_seconds)
+    while known is None and PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(1)
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
-    run_id = start_parent_run(settings.experiment, study.study_name, tags, study.user_attrs.get(PARENT_ATTR))
+    run_id = start_parent_run(settings.experiment, study.study_name, tags, known or study.user_attrs.get(PARENT_ATTR))
     study.set_user_attr(PARENT_ATTR, run_id)
     return run_id
 

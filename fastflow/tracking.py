@@ -174,6 +174,14 @@ def run_status(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.status
 
 
+def find_parent_run(experiment: str, study_name: str) -> Optional[str]:
+    """The parent run of a study by its tags (studies whose run id is not stored on the study)."""
+    experiment_id = ensure_experiment(experiment, tracking_uri())
+    runs = MlflowClient().search_runs([experiment_id], max_results=1,
+                                     filter_string=f"tags.study = '{study_name}' and tags.role = 'study'")
+    return runs[0].info.run_id if runs else None
+
+
 def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optional[str] = None) -> str:
     """Reopen the study's parent run `run_id` (status RUNNING), or create it; then (re)set its tags."""
     client = MlflowClient()

@@ -1,0 +1,164 @@
+"""`fastflow predict` end to end: train a tiny model (real MLflow in tmp sqlite), register it, score a mixed folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from fastflow import cli
+from fastflow.inference import Predictor
+from fastflow.predict import list_inputs, load_predictor, predict
+from fastflow.registry import promote
+from fastflow.tracking import start_run
+from fastflow.train import train_and_evaluate
+
+from conftest import fast_config
+
+TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
+    """One 1-epoch run on the synthetic category, registered as fastflow-synthetic@champion; its checkpoint file."""
+    tmp = tmp_path_factory.mktemp("predict")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        cfg = fast_config(tmp, *TINY, f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}",
+                          data_root=synthetic_root)
+        with start_run(cfg) as tracker:
+            train_and_evaluate(cfg, tracker)
+        promotion = promote("synthetic", experiment=cfg.tracking.experiment, run_id=tracker.run_id)
+        checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id,
+                                                              artifact_path="checkpoint/checkpoint.pt", dst_path=str(tmp)))
+        yield SimpleNamespace(tmp=tmp, run_id=tracker.run_id, promotion=promotion, checkpoint=checkpoint)
+    mlflow.set_tracking_uri(before)  # fastflow.tracking set (and exported) the tmp store
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(trained, synthetic_root: Path) -> tuple[Path, dict[str, tuple[int, int]]]:
+    """Real synthetic pictures saved in other sizes/modes/formats, a nested folder, a text file and a broken PNG."""
+    folder = trained.tmp / "inputs"
+    (folder / "nested").mkdir(parents=True)
+    test = synthetic_root / "synthetic" / "test"
+    defect = Image.open(sorted((test / "spot").iterdir())[0]).convert("RGB")
+    good = Image.open(sorted((test / "good").iterdir())[0]).convert("RGB")
+    sizes = {}
+
+    def save(image: Image.Image, name: str) -> None:
+        image.save(folder / name)
+        sizes[name] = image.size
+
+    save(defect.resize((150, 100)).convert("RGBA"), "spot_rgba.png")
+    save(good.resize((80, 80)).convert("L"), "good_gray.jpg")
+    deep = Image.fromarray(np.asarray(defect.resize((70, 90)).convert("L"), dtype=np.uint16) * 257)
+    assert deep.mode == "I;16"
+    save(deep, "spot16.png")
+    save(good, "nested/good.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.png").write_bytes(b"\x89PNG but not really")
+    return folder, sizes
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_predict_registered_champion_on_mixed_folder(trained, mixed_folder, caplog) -> None:
+    folder, sizes = mixed_folder
+    out = trained.tmp / "out-champion"
+    with caplog.at_level(logging.WARNING, logger="fastflow.predict"):
+        rows = predict("models:/fastflow-synthetic@champion", str(folder), out, batch_size=3)
+    assert "notes.txt" in caplog.text and "broken.png" in caplog.text  # skipped with a warning
+
+    by_name = {Path(row.image).relative_to(folder).as_posix(): row for row in rows}
+    assert set(by_name) == set(sizes)
+    table = _read_csv(out / "results.csv")
+    assert [r["image"] for r in table] == [row.image for row in rows]
+    summary = json.loads((out / "results.json").read_text())
+    assert sorted(Path(p).name for p in summary["skipped"]) == ["broken.png", "notes.txt"]
+    assert summary["threshold_kind"] == "f1" and len(summary["images"]) == len(rows)
+
+    predictor = Predictor.from_file(trained.checkpoint)
+    for name, row in by_name.items():
+        assert (row.width, row.height) == sizes[name]
+        overlay, mask = Image.open(out / row.overlay), Image.open(out / row.mask)
+        assert overlay.size == sizes[name] and overlay.mode == "RGB"
+        assert mask.size == sizes[name] and mask.mode == "L"
+        pixels = np.asarray(mask)
+        assert set(np.unique(pixels)) <= {0, 255}
+        assert row.anomalous_fraction == pytest.approx((pixels > 0).mean())
+        # max scoring: flagged exactly when the mask has a pixel (every input is at least the 64-px model size)
+        assert row.is_anomalous == bool(pixels.any())
+        assert row.is_anomalous == (row.score > row.threshold)
+        assert 0.0 <= row.normalized_score <= 1.0
+        assert row.threshold == pytest.approx(predictor.thresholds["f1"])
+    csv_row = next(r for r in table if r["image"].endswith("spot_rgba.png"))
+    assert float(csv_row["score"]) == pytest.approx(by_name["spot_rgba.png"].score, rel=1e-6)
+    # the synthetic spot is scored above the good picture it was not made from
+    assert by_name["spot_rgba.png"].score > by_name["nested/good.png"].score
+
+
+def test_predict_from_checkpoint_and_run_id_agree(trained, mixed_folder) -> None:
+    folder, _ = mixed_folder
+    registered = predict("models:/fastflow-synthetic@champion", str(folder), trained.tmp / "out-a")
+    from_file = predict(str(trained.checkpoint), str(folder), trained.tmp / "out-b", threshold="val_quantile")
+    from_run = predict(trained.run_id, str(folder / "*.png"), trained.tmp / "out-c")
+    scores = {row.image: row.score for row in registered}
+    for row in from_file:
+        assert row.score == pytest.approx(scores[row.image], abs=1e-5)
+        assert row.threshold_kind == "val_quantile"
+        assert row.is_anomalous == (row.score > row.threshold)
+    assert {Path(row.image).name for row in from_run} == {"spot_rgba.png", "spot16.png"}  # the glob, broken.png skipped
+    for row in from_run:
+        assert row.score == pytest.approx(scores[row.image], abs=1e-5)
+
+
+def test_unknown_model_lists_registered_models(trained) -> None:
+    with pytest.raises(ValueError, match="registered models: fastflow-synthetic"):
+        load_predictor("models:/fastflow-nothing@champion")
+    with pytest.raises(ValueError, match="aliases: champion"):
+        load_predictor("models:/fastflow-synthetic@staging")
+    with pytest.raises(FileNotFoundError, match="models:/<name>@<alias>"):
+        load_predictor(str(trained.tmp / "missing.pt"))
+    with pytest.raises(ValueError, match="stored: f1, val_quantile"):
+        predict(str(trained.checkpoint), str(trained.tmp / "inputs"), trained.tmp / "out-x", threshold="otsu")
+
+
+def test_empty_or_missing_input_names_it(trained, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=str(empty)):
+        list_inputs(str(empty))
+    (empty / "readme.md").write_text("x")
+    with pytest.raises(FileNotFoundError, match="no images in input"):
+        predict(str(trained.checkpoint), str(empty), tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="input not found"):
+        list_inputs(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match=r"no images in input .*\*\.png"):
+        list_inputs(str(tmp_path / "*.png"))
+
+
+def test_cli_predict_prints_summary(trained, mixed_folder, capsys) -> None:
+    folder, sizes = mixed_folder
+    out = trained.tmp / "out-cli"
+    code = cli.main(["predict", "--model", f"runs:/{trained.run_id}/model", "--input", str(folder / "nested"),
+                     "--out", str(out), "--batch-size", "1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "1 images scored" in printed and "good.png" in printed
+    assert len(_read_csv(out / "results.csv")) == 1
+    assert cli.main(["predict", "--model", "models:/fastflow-nothing@champion", "--input", str(folder),
+                     "--out", str(out)]) == 2
+    assert "fastflow-synthetic" in capsys.readouterr().err
+    assert MlflowClient().get_registered_model("fastflow-synthetic").aliases["champion"] == trained.promotion.version

@@ -1,0 +1,109 @@
+"""`fastflow report`: rows are the best FINISHED run per (category, backbone) in MLflow, compared with paper.py."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from fastflow import cli
+from fastflow.paper import CAIT_PER_CATEGORY
+from fastflow.report import write_report
+
+EXPERIMENT = "report-tests"
+
+# (category, backbone, status, best/image_auroc, best/pixel_auroc, best/aupro)
+RUNS = [
+    ("bottle", "resnet18", "FINISHED", 0.90, 0.95, 0.80),
+    ("bottle", "resnet18", "FINISHED", 0.97, 0.96, 0.85),  # the best bottle/resnet18 run
+    ("bottle", "resnet18", "FAILED", 0.99, 0.99, 0.99),  # not finished: ignored
+    ("bottle", "resnet18", "FINISHED", 0.97, 0.90, 0.70),  # ties on image AUROC, loses on pixel AUROC
+    ("screw", "resnet18", "FINISHED", 0.60, 0.90, 0.55),
+    ("bottle", "tf_efficientnet_lite0", "FINISHED", 0.88, 0.93, 0.75),
+    ("tire", "resnet18", "FINISHED", 0.70, 0.75, 0.40),  # not in MVTec AD
+]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory):
+    """The runs above in a tmp sqlite store, plus a study-style run without a backbone tag; -> best run ids."""
+    tmp_path = tmp_path_factory.mktemp("report-store")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        yield _fill(tmp_path)
+    mlflow.set_tracking_uri(before)
+
+
+def _fill(tmp_path: Path) -> dict[tuple[str, str], str]:
+    client = MlflowClient()
+    experiment_id = client.create_experiment(EXPERIMENT, artifact_location=(tmp_path / "artifacts").as_uri())
+    best: dict[tuple[str, str], tuple[float, float, str]] = {}
+    for category, backbone, status, image, pixel, aupro in RUNS:
+        run = client.create_run(experiment_id, tags={"category": category, "backbone": backbone,
+                                                     "selection_protocol": "test set (paper protocol)"})
+        for key, value in (("image_auroc", image), ("pixel_auroc", pixel), ("aupro", aupro), ("epoch", 3)):
+            client.log_metric(run.info.run_id, f"best/{key}", value)
+        client.set_terminated(run.info.run_id, status)
+        if status == "FINISHED" and (image, pixel) > best.get((category, backbone), (-1, -1, ""))[:2]:
+            best[(category, backbone)] = (image, pixel, run.info.run_id)
+    study = client.create_run(experiment_id, tags={"category": "bottle", "role": "study"})
+    client.log_metric(study.info.run_id, "best/image_auroc", 1.0)
+    client.set_terminated(study.info.run_id, "FINISHED")
+    return {key: value[2] for key, value in best.items()}
+
+
+def test_report_rows_match_mlflow_best_runs(store, tmp_path: Path) -> None:
+    result = write_report(EXPERIMENT, tmp_path / "reports")
+    client = MlflowClient()
+    assert {(r.category, r.backbone): r.run_id for r in result.rows} == store
+    for row in result.rows:
+        logged = client.get_run(row.run_id).data.metrics
+        for metric in ("image_auroc", "pixel_auroc", "aupro"):
+            assert row.ours[metric] == logged[f"best/{metric}"]
+        if row.category in CAIT_PER_CATEGORY:
+            image, seed_image, pixel, _ = CAIT_PER_CATEGORY[row.category]
+            assert row.diff("image_auroc") == pytest.approx(logged["best/image_auroc"] - image)
+            assert row.diff("pixel_auroc") == pytest.approx(logged["best/pixel_auroc"] - pixel)
+            assert row.reference("image_auroc", "seed") == seed_image
+        else:
+            assert row.paper is None and row.diff("image_auroc") is None
+    assert row.diff("aupro") is None  # the paper reports no AUPRO
+
+    markdown = (tmp_path / "reports" / "paper_gap.md").read_text()
+    assert "| bottle | resnet18 | 0.970 | 1.000 | 1.000 | -0.030 | 0.960 | 0.977 | 0.983 | -0.017 | 0.850 |" in markdown
+    assert "| screw | resnet18 | 0.600 | 0.978 | 0.846 | -0.378 |" in markdown
+    assert "| mean (2) | resnet18 | 0.785 |" in markdown
+    other = markdown.split("## Other categories")[1]
+    assert "| tire | resnet18 | 0.700 | 0.750 | 0.400 |" in other and "bottle" not in other
+    assert "image AUROC .979" not in markdown and "image AUROC 0.979, pixel AUROC 0.972" in markdown
+    page = (tmp_path / "reports" / "paper_gap.html").read_text()
+    assert "data:image/png;base64," in page and 'href="paper_gap.png"' in page and "tire" in page
+    assert (tmp_path / "reports" / "paper_gap.png").read_bytes()[:4] == b"\x89PNG"
+
+    report_run = client.get_run(result.run_id)
+    assert report_run.info.run_name == "report" and report_run.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(result.run_id, "report")} == {
+        "report/paper_gap.md", "report/paper_gap.html", "report/paper_gap.png"}
+    assert report_run.data.metrics["report/resnet18/mean_image_auroc_gap"] == pytest.approx(
+        ((0.97 - 1.0) + (0.60 - 0.978)) / 2)
+
+    # a second report does not pick up the first report run
+    again = write_report(EXPERIMENT, tmp_path / "reports")
+    assert [(r.category, r.backbone, r.run_id) for r in again.rows] == [
+        (r.category, r.backbone, r.run_id) for r in result.rows]
+
+
+def test_report_errors_and_cli(store, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match=f"unknown experiment 'nope'; experiments: .*{EXPERIMENT}"):
+        write_report("nope", tmp_path)
+    MlflowClient().create_experiment("empty", artifact_location=(tmp_path / "a2").as_uri())
+    with pytest.raises(LookupError, match="experiment 'empty'"):
+        write_report("empty", tmp_path)
+    assert cli.main(["report", "--experiment", EXPERIMENT, "--out", str(tmp_path / "cli")]) == 0
+    assert "4 (category, backbone) rows" in capsys.readouterr().out
+    assert (tmp_path / "cli" / "paper_gap.html").is_file()
