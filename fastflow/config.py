@@ -157,6 +157,11 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
         return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
     if type_hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if type_hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if type_hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, type_hint) or (type_hint is int and isinstance(value, bool)):

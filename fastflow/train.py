@@ -112,7 +112,8 @@ def _train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Enc
             yield encoded.train.batch(order[start:start + cfg.train.batch_size], device)
         return
     dataset = ImageDataset(splits.train, cfg.model.input_size)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, generator=generator,
+    order = torch.randperm(len(dataset), generator=generator).tolist()  # the same order as the cached path
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=order,
                         num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     for images, _, _ in loader:
         yield model.extract_features(images.to(device, non_blocking=True))

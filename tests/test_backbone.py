@@ -153,3 +153,15 @@ def test_deit_style_transformer_features() -> None:
     with torch.no_grad():
         latents, log_jacs = model(torch.rand(1, 3, 224, 224))
     assert latents[0].shape == (1, 192, 14, 14) and log_jacs[0].shape == (1, 14, 14)
+
+
+def test_weights_of_another_model_are_rejected(tmp_path):
+    import timm
+    import torch
+
+    from fastflow.backbone import WeightsError, create_backbone
+
+    path = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
+    with pytest.raises(WeightsError, match="resnet18"):
+        create_backbone("resnet18", str(path), (1, 2, 3))

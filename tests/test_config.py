@@ -74,8 +74,6 @@ def test_set_overrides_are_coerced() -> None:
     assert load_config(None, ["model.feature_indices=7"]).model.feature_indices == (7,)
 
 
-@pytest.mark.xfail(reason="fastflow/config.py _coerce: PyYAML reads '3e-4' (no dot) as a str, so --set "
-                          "train.lr=3e-4 (STYLE.md's own example) raises; float('3e-4') should be accepted")
 @pytest.mark.parametrize("text", ["3e-4", "1E-3", "2e+1"])
 def test_exponent_without_dot_is_a_float(text: str) -> None:
     assert load_config(None, [f"train.lr={text}"]).train.lr == pytest.approx(float(text))
