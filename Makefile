@@ -29,9 +29,12 @@ $(STAMP): requirements.txt pyproject.toml
 train: install
 	$(BIN)/fastflow train --config $(CONFIG) $(if $(CATEGORY),--set data.category=$(CATEGORY) --set data.root=$(MVTEC_ROOT))
 
+# No CATEGORY: the offline demo (sweeps/demo.yaml, synthetic category). With CATEGORY: the paper's backbones
+# (sweeps/default.yaml) unless SPACE says otherwise (sweeps/offline.yaml needs no ImageNet download).
 sweep: install
 	$(BIN)/fastflow sweep $(if $(CATEGORY),--category $(CATEGORY) --root $(MVTEC_ROOT)) \
-		$(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS)
+		--space $(or $(SPACE),$(if $(CATEGORY),sweeps/default.yaml,sweeps/demo.yaml)) \
+		$(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS)
 
 promote: install
 	$(BIN)/fastflow promote --category $(or $(CATEGORY),synthetic)
@@ -70,3 +73,10 @@ data: install
 clean:
 	rm -rf .cache reports outputs .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
+
+# Speed of the backbone-feature cache on ../shared/data/mvtec3d_tire (see benchmarks/README.md).
+# QUICK=1: a few minutes; COMPARE=1: also anomalib 2.7.0's FastFlow, installed on first use into
+# benchmarks/.venv-anomalib (never a dependency of the project). Extra flags: BENCHMARK_ARGS="--presets resnet18".
+benchmark: install
+	nice -n 10 $(BIN)/python benchmarks/benchmark.py $(if $(QUICK),--quick) $(if $(COMPARE),--compare-anomalib) \
+		$(BENCHMARK_ARGS)
