@@ -91,6 +91,14 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries the parent's high-water mark
+    over fork+exec into the child's ru_maxrss, so there it would report benchmark.py's peak."""
+    with open("/proc/self/status") as status:
+        line = next(row for row in status if row.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
 def main(handoff: Path) -> None:
     spec = json.loads((handoff / "spec.json").read_text())
     torch.set_num_threads(spec["threads"])
@@ -113,10 +121,10 @@ def main(handoff: Path) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base_rss = rss_mb()
-    epoch_seconds, losses = [], []
+    epoch_seconds, epoch_cpu_seconds, losses = [], [], []
     for _ in range(spec["epochs"]):
         model.train()
-        start, total = time.perf_counter(), 0.0
+        start, cpu_start, total = time.perf_counter(), time.process_time(), 0.0
         order = torch.randperm(len(train), generator=generator)
         for first in range(0, len(order), spec["batch_size"]):
             images = prepare(train[order[first:first + spec["batch_size"]]])
@@ -129,15 +137,19 @@ def main(handoff: Path) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
         epoch_seconds.append(time.perf_counter() - start)
+        epoch_cpu_seconds.append(time.process_time() - cpu_start)
         losses.append(total / len(train))
-    maps, scores, seconds = infer(model, test, prepare, spec["eval_batch_size"], device)
+    maps, scores, seconds, cpu_seconds = infer(model, test, prepare, spec["eval_batch_size"], device)
     np.savez(handoff / "anomalib_maps.npz", maps=maps, scores=scores)
     result = {
         "anomalib": __import__("anomalib").__version__, "torch": torch.__version__, "timm": timm.__version__,
         "model": type(model).__name__, "backbone_tensors_loaded": loaded, "epoch_seconds": epoch_seconds,
-        "losses": losses, "inference_images_per_s": len(test) / seconds, "train_images": len(train),
-        "test_images": len(test), "flow_parameters": sum(p.numel() for p in model.fast_flow_blocks.parameters() if p.requires_grad),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss,
+        "epoch_cpu_seconds": epoch_cpu_seconds, "losses": losses, "inference_images_per_s": len(test) / seconds,
+        "inference_images_per_cpu_s": len(test) / cpu_seconds, "train_images": len(train),
+        "test_images": len(test),
+        "flow_parameters": sum(p.numel() for p in model.fast_flow_blocks.parameters() if p.requires_grad),
+        "peak_rss_mb": peak_rss_mb(), "base_rss_mb": base_rss,
+        "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         "maps": str(handoff / "anomalib_maps.npz"),
     }
@@ -146,20 +158,21 @@ def main(handoff: Path) -> None:
 
 @torch.inference_mode()
 def infer(model: nn.Module, test: torch.Tensor, prepare, batch_size: int,
-          device: torch.device) -> tuple[np.ndarray, np.ndarray, float]:
-    """Full-model inference `(N,3,S,S)` uint8 -> maps `(N,S,S)`, scores `(N,)`, seconds (after a warm-up batch)."""
+          device: torch.device) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Full-model inference `(N,3,S,S)` uint8 -> maps `(N,S,S)`, scores `(N,)`, wall and CPU seconds (after a
+    warm-up batch)."""
     model.eval()
     model(prepare(test[:batch_size]))  # warm-up, not timed (same protocol as benchmark.py)
     maps, scores = [], []
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for first in range(0, len(test), batch_size):
         output = model(prepare(test[first:first + batch_size]))
         maps.append(output.anomaly_map[:, 0].float().cpu())
         scores.append(output.pred_score.reshape(-1).float().cpu())
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return torch.cat(maps).numpy(), torch.cat(scores).numpy(), seconds
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return torch.cat(maps).numpy(), torch.cat(scores).numpy(), seconds, cpu_seconds
 
 
 if __name__ == "__main__":

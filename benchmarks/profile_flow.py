@@ -1,5 +1,6 @@
 """Where a FastFlow training epoch spends its time (used by benchmark.py; CPU or CUDA).
 
+Times are CPU seconds on the CPU (wall seconds on CUDA).
 - `epoch_phases`: one epoch of the uncached path (feature_cache=off), timed by phase: image loading and
   decoding, backbone, flow forward (LayerNorm + flows), loss, backward, optimizer step. It repeats the body
   of `fastflow.train.train_epoch` with timers between the same library calls.
@@ -32,6 +33,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _clock(device: torch.device):
+    """CPU seconds on the CPU (robust to other jobs on a shared machine), wall seconds on CUDA."""
+    return time.process_time if device.type == "cpu" else time.perf_counter
+
+
 def epoch_phases(cfg: RunConfig, device: torch.device) -> tuple[dict[str, float], list[torch.Tensor], FastFlow]:
     """Seconds per phase of one uncached epoch; also the last batch's features and the model."""
     seed_everything(cfg.train.seed)
@@ -43,12 +49,13 @@ def epoch_phases(cfg: RunConfig, device: torch.device) -> tuple[dict[str, float]
     model.train()
     model.backbone.eval()
     phases: dict[str, float] = defaultdict(float)
-    clock = time.perf_counter()
+    now_fn = _clock(device)
+    clock = now_fn()
 
     def lap(name: str) -> None:
         nonlocal clock
         _sync(device)
-        now = time.perf_counter()
+        now = now_fn()
         phases[name] += now - clock
         clock = now
 
@@ -116,13 +123,15 @@ def index_permutation():
 
 def permutation_whatif(model: FastFlow, features: list[torch.Tensor], repeats: int = 2) -> dict[str, float]:
     """Median seconds of a flow forward+backward step, stock vs index permutation, and the output difference."""
+    now = _clock(features[0].device)
+
     def timed() -> tuple[float, list[torch.Tensor], list[torch.Tensor]]:
         _train_step(model, features)  # warm-up
         times = []
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = now()
             latents, log_jacs = _train_step(model, features)
-            times.append(time.perf_counter() - start)
+            times.append(now() - start)
         return statistics.median(times), latents, log_jacs
 
     stock, z_stock, j_stock = timed()

@@ -150,11 +150,14 @@ def _create(name: str, weights: str, **kwargs) -> nn.Module:
                            f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); {hint}") from None
 
 
-def create_backbone(name: str, weights: str, feature_indices: tuple[int, ...]) -> nn.Module:
-    """A frozen backbone in eval mode with `.channels` and `.strides` lists."""
+def create_backbone(name: str, weights: str, feature_indices: tuple[int, ...], input_size: int = 0) -> nn.Module:
+    """A frozen backbone in eval mode with `.channels` and `.strides` lists.
+
+    Transformers are built for `input_size` (timm resamples their position embeddings)."""
     _check_timm_name(name)
     if is_transformer_name(name):
-        backbone = TransformerBackbone(_create(name, weights), list(feature_indices))
+        model = _create(name, weights, img_size=input_size) if input_size else _create(name, weights)
+        backbone = TransformerBackbone(model, list(feature_indices))
     else:
         backbone = CnnBackbone(_create(name, weights, features_only=True, out_indices=tuple(feature_indices)))
     backbone.eval()

@@ -31,6 +31,7 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
+    os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: Optuna logs each trial instead
     from .space import load_space
     from .sweep import SweepSettings, run_sweep, summary_table
 

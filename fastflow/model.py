@@ -20,7 +20,7 @@ class FastFlow(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = create_backbone(cfg.backbone, cfg.weights, cfg.feature_indices)
+        self.backbone = create_backbone(cfg.backbone, cfg.weights, cfg.feature_indices, cfg.input_size)
         mean, std = default_normalization(cfg.backbone)
         self.register_buffer("mean", torch.tensor(cfg.mean or mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1))

@@ -94,7 +94,8 @@ def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch
 
     def run(samples, split_name, synthetic_defects=False):
         dataset = ImageDataset(samples, size, synthetic_defects, seed=t.seed)
-        key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, f"defects={synthetic_defects}")
+        defects = f"defects=seed{t.seed}" if synthetic_defects else ""  # the generated defects depend on the seed
+        key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects)
         return encode_cached(model, dataset, key, cache, cfg.eval.batch_size, device, cfg.data.num_workers,
                              dtype, split_name)
 
@@ -153,9 +154,24 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
     return total_loss / max(seen, 1), seen
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start this run's peak-memory window (Linux: clear_refs 5 resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory of this process and, on CUDA, peak allocated GPU memory."""
-    peak = {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak resident memory since `reset_peak_memory` and, on CUDA, peak allocated GPU memory."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        rss = float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
+    except (OSError, StopIteration):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = {"rss": rss}
     if device.type == "cuda":
         peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
     return peak
@@ -177,6 +193,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     if cfg.eval.selection_metric == "val_image_auroc" and not splits.validation:
         raise ValueError("eval.selection_metric=val_image_auroc needs held-out normals: a validation/good folder "
                          "or data.val_fraction > 0")
+    reset_peak_memory(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     model = FastFlow(cfg.model).to(device)

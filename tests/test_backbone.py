@@ -165,3 +165,13 @@ def test_weights_of_another_model_are_rejected(tmp_path):
     torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
     with pytest.raises(WeightsError, match="resnet18"):
         create_backbone("resnet18", str(path), (1, 2, 3))
+
+
+def test_transformer_runs_at_a_non_native_input_size():
+    import torch
+
+    from fastflow.backbone import create_backbone
+
+    backbone = create_backbone("deit_tiny_patch16_224", "none", (7,), input_size=160)
+    (features,) = backbone(torch.rand(1, 3, 160, 160))
+    assert features.shape == (1, 192, 10, 10)

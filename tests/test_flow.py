@@ -178,3 +178,26 @@ def test_fastflow_forward_shapes() -> None:
         again, _ = model.forward_features(model.extract_features(images))
     assert all(torch.allclose(a, b) for a, b in zip(latents, again))
     assert all(isinstance(norm, torch.nn.LayerNorm) for norm in model.norms)
+
+
+@pytest.mark.parametrize("rev", [False, True])
+def test_indexed_permutation_matches_freia_convolution(rev: bool) -> None:
+    """PositionLogJacBlock shuffles channels by index; FrEIA's own block by a 1x1 convolution."""
+    import FrEIA.modules as Fm
+
+    from fastflow.flow import PositionLogJacBlock, subnet_conv
+
+    torch.manual_seed(0)
+    ours = PositionLogJacBlock([(6, 5, 4)], subnet_constructor=subnet_conv(3, 1.0), affine_clamping=2.0,
+                               permute_soft=False)
+    stock = Fm.AllInOneBlock([(6, 5, 4)], subnet_constructor=subnet_conv(3, 1.0), affine_clamping=2.0,
+                             permute_soft=False)
+    stock.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        ours.global_offset.normal_()
+        stock.global_offset.copy_(ours.global_offset)
+    x = torch.randn(2, 6, 5, 4)
+    (out_ours,), jac_ours = ours((x,), rev=rev)
+    (out_stock,), jac_stock = stock((x,), rev=rev)
+    assert torch.allclose(out_ours, out_stock, atol=1e-6)
+    assert torch.allclose(jac_ours, jac_stock, atol=1e-5)
