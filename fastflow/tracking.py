@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -130,7 +131,8 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path) -> None:
 
     signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the CloudPickle notice on every trial
-    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+    with warnings.catch_warnings(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example notices; the signature is set
         info = mlflow.pyfunc.log_model(name="model", python_model=FastFlowPyfunc(),
                                        artifacts={"checkpoint": str(checkpoint_path)},
                                        signature=signature, pip_requirements=pip_requirements())
