@@ -94,7 +94,7 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
         return optuna.pruners.HyperbandPruner()
     if name == "none":
         return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)  # epochs count from 1: never prune before epoch 2
 
 
 def load_study(settings: SweepSettings, space: SearchSpace, worker: int = 0) -> optuna.Study:
