@@ -278,5 +278,5 @@ def dump_yaml(cfg: RunConfig, path: Path) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "TrackingConfig", "RunConfig",
-    "load_config", "config_from_dict", "with_overrides", "to_dict", "flatten", "dump_yaml", "read_yaml", "replace",
+    "load_config", "config_from_dict", "with_overrides", "to_dict", "flatten", "dump_yaml", "read_yaml",
 ]

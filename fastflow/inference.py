@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .anomaly_map import anomaly_map, image_score
-from .config import RunConfig, config_from_dict, replace
+from .config import RunConfig, config_from_dict
 from .data import image_tensor
 from .model import FastFlow
 
