@@ -211,3 +211,35 @@ def test_shipped_spaces_load():
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         space = load_space(path)
         assert space.params, path
+
+
+def test_ctrl_c_marks_trial_and_runs(stores, synthetic_root):
+    """SIGINT to the process group (what Ctrl-C sends) ends the sweep cleanly with every state consistent."""
+    tmp = stores["tmp"]
+    space = write_space(tmp, epochs=50)
+    command = [sys.executable, "-m", "fastflow.cli", "sweep", "--space", str(space), "--category", "synthetic",
+               "--root", str(synthetic_root), "--trials", "1"]
+    sweep = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    storage = os.environ["OPTUNA_STORAGE"]
+    deadline = time.time() + 240
+    running = None
+    while time.time() < deadline and running is None:
+        time.sleep(1)
+        try:
+            trials = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage).trials
+        except KeyError:
+            continue
+        running = next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
+    assert running is not None, "the sweep never started a trial"
+    time.sleep(2)
+    os.killpg(sweep.pid, signal.SIGINT)
+    assert sweep.wait(timeout=120) == 130
+    assert "interrupted" in sweep.stderr.read().decode()
+
+    trial = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage).trials[0]
+    assert trial.state == TrialState.FAIL
+    client = MlflowClient()
+    run = client.get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
