@@ -65,6 +65,21 @@ def settings_for(tmp_path: Path, space: Path, synthetic_root: Path, **kwargs) ->
     return SweepSettings(**{**defaults, **kwargs})
 
 
+def wait_for_running_trial(study_name: str, storage: str, seconds: float = 240):
+    """Poll the study (another process runs it) until a trial is RUNNING with its MLflow run attached."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        time.sleep(1)
+        try:
+            trials = optuna.load_study(study_name=study_name, storage=storage).trials
+        except KeyError:  # the study does not exist yet
+            continue
+        running = next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
+        if running is not None:
+            return running
+    raise AssertionError(f"no trial of {study_name} started within {seconds} s")
+
+
 def child_runs(parent_run_id: str, experiment: str = "sweep-tests"):
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -145,17 +160,7 @@ def test_killed_worker_trial_fails_and_is_retried(stores, synthetic_root):
     worker = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy(), cwd=tmp,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     storage = os.environ["OPTUNA_STORAGE"]
-    deadline = time.time() + 240
-    running = None
-    while time.time() < deadline and running is None:
-        time.sleep(1)
-        try:
-            study = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage)
-        except KeyError:
-            continue
-        running = next((t for t in study.trials if t.state == TrialState.RUNNING
-                        and "mlflow_run_id" in t.user_attrs), None)
-    assert running is not None, "the worker never started a trial"
+    running = wait_for_running_trial("fastflow-synthetic-tiny", storage)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     time.sleep(4)  # past the grace period: the heartbeat is stale
@@ -222,16 +227,7 @@ def test_ctrl_c_marks_trial_and_runs(stores, synthetic_root):
     sweep = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = os.environ["OPTUNA_STORAGE"]
-    deadline = time.time() + 240
-    running = None
-    while time.time() < deadline and running is None:
-        time.sleep(1)
-        try:
-            trials = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage).trials
-        except KeyError:
-            continue
-        running = next((t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs), None)
-    assert running is not None, "the sweep never started a trial"
+    running = wait_for_running_trial("fastflow-synthetic-tiny", storage)
     time.sleep(2)
     os.killpg(sweep.pid, signal.SIGINT)
     assert sweep.wait(timeout=120) == 130
