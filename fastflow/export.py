@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .anomaly_map import anomaly_map
 from .inference import Predictor
 
 log = logging.getLogger(__name__)
@@ -33,25 +32,6 @@ class ExportResult:
     max_map_diff: float  # max |exported - PyTorch| over the check batches
     max_score_diff: float
     batch_sizes: tuple[int, ...]
-
-
-class _Graph(torch.nn.Module):
-    """`Predictor.forward`, with the top-k count fixed ahead of time: `anomaly_map.image_score` computes it
-    from `flat.shape[1]`, which is a tensor while tracing for ONNX (`round()` of it fails)."""
-
-    def __init__(self, predictor: Predictor):
-        super().__init__()
-        self.predictor = predictor
-        model = predictor.cfg.model
-        self.k = max(1, int(round(model.input_size ** 2 * model.topk_fraction)))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        model = self.predictor.cfg.model
-        if model.image_score != "topk":
-            return self.predictor(images)
-        latents, log_jacs = self.predictor.model(images)
-        maps = anomaly_map(model.anomaly_map, latents, log_jacs, (model.input_size, model.input_size))
-        return maps, maps.flatten(start_dim=1).topk(self.k, dim=1).values.mean(dim=1)
 
 
 def metadata(predictor: Predictor) -> dict[str, str]:
@@ -70,7 +50,7 @@ def export_onnx(predictor: Predictor, out: Path) -> None:
     example = torch.rand(2, 3, size, size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings on FrEIA's shape checks
-        torch.onnx.export(_Graph(predictor).eval(), (example,), str(out), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(predictor.eval(), (example,), str(out), dynamo=False, opset_version=OPSET,
                           input_names=["images"], output_names=["anomaly_map", "image_score"],
                           dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"},
                                         "image_score": {0: "batch"}})
@@ -84,7 +64,7 @@ def export_torchscript(predictor: Predictor, out: Path) -> None:
     size = predictor.cfg.model.input_size
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        traced = torch.jit.trace(_Graph(predictor).eval(), torch.rand(2, 3, size, size), check_trace=False)
+        traced = torch.jit.trace(predictor.eval(), torch.rand(2, 3, size, size), check_trace=False)
     torch.jit.save(traced, str(out), _extra_files={"fastflow.json": json.dumps(metadata(predictor))})
 
 

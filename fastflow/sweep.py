@@ -12,23 +12,22 @@ import multiprocessing
 import os
 import socket
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import warnings
-
 import optuna
 from optuna.storages import RDBStorage, RetryFailedTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
+from .config import with_overrides
 from .paper import paper_numbers
 from .registry import Promotion, promote
-from .config import with_overrides
 from .space import SearchSpace, load_space, nested
-from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status, start_parent_run, start_run,
-                       tracking_uri)
+from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status,
+                       start_parent_run, start_run, tracking_uri)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -93,7 +94,7 @@ class MlflowTracker:
         skipped = set(metrics) - set(finite)
         if skipped:
             log.warning("not logging non-finite metrics %s at step %d", sorted(skipped), step)
-        timestamp = int(1000 * __import__("time").time())
+        timestamp = int(1000 * time.time())
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in finite.items()])
 
     def log_epoch_visuals(self, epoch: int, images, masks, maps) -> None:
