@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .protocol import OBJECTIVES
 
 
 def _train(args) -> int:
@@ -59,7 +60,9 @@ def _print_promotion(promotion) -> None:
 def _promote(args) -> int:
     from .registry import promote
 
-    metric = "val_image_auroc" if args.objective == "val" else "image_auroc"
+    from .protocol import protocol_for_objective
+
+    metric = protocol_for_objective(args.objective).metric
     _print_promotion(promote(args.category, metric=metric, study=args.study, force=args.force))
     return 0
 
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=1, help="parallel worker processes on the same study")
     sweep.add_argument("--study", default="", help="study name (default fastflow-<category>-<space>)")
     sweep.add_argument("--timeout", type=float, default=None, help="seconds per worker")
-    sweep.add_argument("--objective", choices=["test", "val"], default="test",
+    sweep.add_argument("--objective", choices=OBJECTIVES, default="test",
                        help="test: best-epoch test image AUROC (paper protocol); val: leak-free held-out score")
     sweep.add_argument("--no-promote", action="store_true", help="do not register/promote the best model")
     sweep.set_defaults(handler=_sweep)
@@ -170,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     promote = commands.add_parser("promote", help="register the best run's model; move @champion if it is better")
     promote.add_argument("--category", required=True)
     promote.add_argument("--study", default="")
-    promote.add_argument("--objective", choices=["test", "val"], default="test")
+    promote.add_argument("--objective", choices=OBJECTIVES, default="test")
     promote.add_argument("--force", action="store_true", help="move @champion even if it is not better")
     promote.set_defaults(handler=_promote)
 

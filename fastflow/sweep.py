@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
+from .protocol import LEAK_FREE, Protocol, protocol_for_objective
 from .registry import Promotion, promote
 from .space import SearchSpace, load_space, nested
 from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status,
@@ -56,8 +57,12 @@ class SweepSettings:
     promote: bool = True  # register the best trial's model and move @champion if it improved
 
     @property
+    def protocol(self) -> Protocol:
+        return protocol_for_objective(self.objective)
+
+    @property
     def metric(self) -> str:
-        return "val_image_auroc" if self.objective == "val" else "image_auroc"
+        return self.protocol.metric
 
     def resolved_study_name(self) -> str:
         return self.study_name or f"fastflow-{self.category}-{Path(self.space_path).stem}"
@@ -120,7 +125,7 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
     study, created = _create_or_load(settings, space)
     tags = {"study": settings.resolved_study_name(), "storage": _redact(settings.storage_url()),
             "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
-            "selection_protocol": "leak-free" if settings.objective == "val" else "test set (paper protocol)"}
+            "selection_protocol": settings.protocol.label}
     known = study.user_attrs.get(PARENT_ATTR) or find_parent_run(settings.experiment, study.study_name)
     deadline = time.monotonic() + (0 if created or known else wait_seconds)
     while known is None and PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
@@ -135,8 +140,8 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
     def objective(trial: optuna.Trial) -> float:
         sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
         forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment}
-        if settings.objective == "val":
-            forced["eval.selection_metric"] = "val_image_auroc"
+        if settings.protocol is LEAK_FREE:
+            forced["eval.selection_metric"] = settings.metric
         cfg = with_overrides(space.trial_config(sampled, settings.category, settings.root), nested(forced))
         tags = {"trial_number": trial.number, "study": settings.resolved_study_name(),
                 **{f"sampled.{k}": v for k, v in sampled.items()}}

@@ -27,6 +27,7 @@ from .evaluate import evaluate_split, heatmap_indices, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
 from .model import FastFlow, count_parameters
+from .protocol import protocol_for_metric
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
                           "data_root": str(Path(cfg.data.root).resolve()),
                           "data_hash": content_hash(splits.train + splits.validation + splits.test),
-                          "selection_protocol": "leak-free (held-out normals + synthetic anomalies)"
-                          if cfg.eval.selection_metric == "val_image_auroc" else "test set (paper protocol)",
+                          "selection_protocol": protocol_for_metric(cfg.eval.selection_metric).label,
                           "flow_parameters": str(flow_parameters)})
     encoded = encode_splits(model, cfg, splits, device)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
