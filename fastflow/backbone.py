@@ -17,6 +17,8 @@ import timm
 import torch
 from torch import nn
 
+from .checkpoint import CheckpointError, load_tensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -104,7 +106,10 @@ def map_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not Path(path).is_file():
         raise WeightsError(f"weights file not found: {path} (model.weights expects imagenet, none, pypi or a path)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_tensors(Path(path), "weights file")
+    except CheckpointError as error:
+        raise WeightsError(f"{error} (model.weights)") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

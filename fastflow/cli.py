@@ -8,12 +8,15 @@ import os
 import sys
 from pathlib import Path
 
+from . import signals
 from .config import ConfigError, load_config
 from .protocol import OBJECTIVES
+from .redact import redact
 
 
 def _train(args) -> int:
     cfg = load_config(args.config, args.set)  # report config errors before the slow imports
+    signals.install()
     from .tracking import start_run
     from .train import train_and_evaluate
 
@@ -36,6 +39,7 @@ def _sweep(args) -> int:
     from .space import load_space
     from .sweep import SweepSettings, run_sweep, summary_table
 
+    signals.install()
     space = load_space(args.space)
     category = args.category or space.category
     trials = space.trials if args.trials is None else args.trials
@@ -238,11 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, LookupError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # runs and trials were already marked KILLED/FAIL on the way out
-        print("interrupted", file=sys.stderr)
-        return 130
+    except ArithmeticError as error:  # train.NonFiniteLossError: a diverged run, marked FAILED
+        print(f"error: {redact(str(error))}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as error:  # runs and trials were already marked KILLED/FAIL on the way out
+        code = signals.exit_code(error)
+        print("interrupted" if code == 130 else "terminated (SIGTERM); runs and trials were closed", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

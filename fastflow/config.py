@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from .preflight import device_problem, input_size_problem
+from .redact import redact_values
+
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible."""
@@ -126,6 +129,9 @@ def _check_values(cfg: RunConfig) -> None:
     ]
     if cfg.model.std is not None:
         checks.append(("model.std", all(s > 0 for s in cfg.model.std), "three positive numbers"))
+    size_problem = input_size_problem(cfg.model.backbone, cfg.model.feature_indices, cfg.model.input_size)
+    checks.append(("model.input_size", size_problem is None, size_problem))
+    checks.append(("train.device", device_problem(cfg.train.device) is None, device_problem(cfg.train.device)))
     for key, ok, allowed in checks:
         if not ok:
             section, name = key.split(".")
@@ -273,7 +279,8 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
 
 
 def dump_yaml(cfg: RunConfig, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The config as YAML for the record (MLflow artifact), secrets in URIs redacted."""
+    Path(path).write_text(yaml.safe_dump(redact_values(to_dict(cfg)), sort_keys=False))
 
 
 __all__ = [

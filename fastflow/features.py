@@ -74,8 +74,18 @@ def cache_key(model_cfg: ModelConfig, data_hash: str, split: str, dtype: str, ex
     return f"{model_cfg.backbone}-{split}-{digest}"
 
 
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes."""
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 class FeatureCache:
-    """On-disk cache of `EncodedSplit`s: one folder per key, written atomically, size-limited (LRU)."""
+    """On-disk cache of `EncodedSplit`s: one folder per key, written atomically, size-limited (LRU).
+
+    Each entry holds `split.pt` and `split.sha256` (its content checksum), verified on every load: a
+    corrupt, truncated or unchecked entry is ignored, recomputed and replaced atomically (renames only).
+    """
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory = Path(directory)
@@ -85,6 +95,10 @@ class FeatureCache:
         path = self.directory / key / "split.pt"
         if not path.is_file():
             return None
+        problem = self._problem(self.directory / key)
+        if problem:
+            log.warning("ignoring feature cache entry %s (%s); it is recomputed and replaced", path.parent, problem)
+            return None
         try:
             stored = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as error:  # a corrupt entry is recomputed, never trusted
@@ -93,16 +107,47 @@ class FeatureCache:
         os.utime(path.parent)  # mark as recently used
         return EncodedSplit(stored["features"], stored["masks"], stored["labels"])
 
+    @staticmethod
+    def _problem(entry: Path) -> str:
+        """Why the entry folder cannot be trusted ('' when its checksum matches)."""
+        try:
+            expected = (entry / "split.sha256").read_text().strip()
+        except OSError:
+            return "no checksum"
+        try:
+            actual = file_digest(entry / "split.pt")
+        except OSError as error:
+            return f"unreadable: {error}"
+        return "" if actual == expected else f"checksum mismatch: {actual[:12]} != stored {expected[:12]}"
+
     def store(self, key: str, split: EncodedSplit) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         staging = self.directory / f".{key}.{os.getpid()}.tmp"
         staging.mkdir(exist_ok=True)
         torch.save({"features": split.features, "masks": split.masks, "labels": split.labels}, staging / "split.pt")
+        (staging / "split.sha256").write_text(file_digest(staging / "split.pt"))
+        target = self.directory / key
         try:
-            os.rename(staging, self.directory / key)
-        except OSError:  # another worker stored the same key first: identical content
+            os.rename(staging, target)
+        except OSError:  # the key exists: stored first by another worker (identical content), or corrupt
+            if target.is_dir() and self._problem(target):
+                self._replace(staging, target)
             shutil.rmtree(staging, ignore_errors=True)
         self.evict()
+
+    def _replace(self, staging: Path, target: Path) -> None:
+        """Swap a corrupt entry for `staging` by renames; readers see the old, the new or no entry, never a mix."""
+        displaced = self.directory / f".{target.name}.{os.getpid()}.corrupt"
+        try:
+            os.rename(target, displaced)
+        except OSError:
+            return  # replaced meanwhile by another worker
+        try:
+            os.rename(staging, target)
+        except OSError:
+            pass  # another worker put a fresh entry in place first
+        shutil.rmtree(displaced, ignore_errors=True)
+        log.warning("feature cache entry %s was corrupt; replaced", target.name)
 
     def entries(self) -> list[tuple[Path, int, float]]:
         if not self.directory.is_dir():

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from .anomaly_map import anomaly_map, image_score
+from .checkpoint import load_checkpoint
 from .config import RunConfig, config_from_dict
 from .data import image_tensor
 from .model import FastFlow
@@ -48,7 +49,7 @@ class Predictor(torch.nn.Module):
     def from_file(cls, path: Path, device: str = "cpu") -> "Predictor":
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        return cls(torch.load(path, map_location="cpu", weights_only=False), device)
+        return cls(load_checkpoint(Path(path)), device)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""

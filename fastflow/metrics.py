@@ -14,13 +14,17 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 __all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate"]
 
 
+class NonFiniteError(ValueError):
+    """Scores or maps hold NaN/inf (a diverged model)."""
+
+
 def _finite(name: str, values: np.ndarray) -> np.ndarray:
     """Return `values` as an array, raising ValueError if it holds NaN/inf."""
     arr = np.asarray(values)
     if arr.size == 0:
         raise ValueError(f"{name} is empty")
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} contains NaN or inf values")
+        raise NonFiniteError(f"{name} contains NaN or inf values")
     return arr
 
 

@@ -1,6 +1,14 @@
 """MLflow model registry: register a trial's model as `fastflow-<category>` and move `champion` only on improvement.
 
-Versions are never deleted; a run already registered is not registered twice.
+Safe to run again and from several machines at once, using only the registry's own state:
+- a run is registered at most once: a promoter registers only when the run has no version, then re-reads;
+  when racing promoters both registered the run, every one of them keeps the run's lowest version and the
+  higher twin is deleted (by its creator, or by the next promotion if its creator was killed). That
+  duplicate is the only version ever deleted; it points at the same logged model as its twin.
+- `@champion` is the best version by the protocol's `ranking_key` (objective, then its tie-breaks; then the
+  lower version) among versions >= the registered model's `champion_floor` tag (set by `--force`). Each
+  promoter sets the alias from a fresh read and re-reads until alias and best agree, so the last writer
+  always wrote the best of everything registered before it: racing promoters converge on the right champion.
 """
 
 from __future__ import annotations
@@ -10,13 +18,16 @@ from dataclasses import dataclass
 from typing import Optional
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .tracking import ensure_experiment, tracking_uri
+from .protocol import Protocol, protocol_for_metric, ranking_key
+from .tracking import connect, ensure_experiment, quoted, tracking_uri
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
+FLOOR_TAG = "champion_floor"  # registered-model tag: versions below it no longer compete for @champion
 
 
 def model_name(category: str) -> str:
@@ -36,11 +47,11 @@ class Promotion:
 
 def best_run(category: str, metric: str, experiment: str = "fastflow", study: str = ""):
     """The finished run with a logged model and the highest `best/<metric>` for the category (or study)."""
-    client = MlflowClient()
+    client = connect()
     experiment_id = ensure_experiment(experiment, tracking_uri())
-    query = f"tags.category = '{category}' and attributes.status = 'FINISHED'"
+    query = f"tags.category = {quoted(category)} and attributes.status = 'FINISHED'"
     if study:
-        query += f" and tags.study = '{study}'"
+        query += f" and tags.study = {quoted(study)}"
     runs = client.search_runs([experiment_id], filter_string=query, order_by=[f"metrics.`best/{metric}` DESC"],
                               max_results=50)
     runs = [r for r in runs if "model_uri" in r.data.tags and f"best/{metric}" in r.data.metrics]
@@ -50,54 +61,129 @@ def best_run(category: str, metric: str, experiment: str = "fastflow", study: st
     return runs[0]
 
 
-def _version_for_run(client: MlflowClient, name: str, run_id: str):
-    for version in client.search_model_versions(f"name = '{name}'"):
-        if version.run_id == run_id:
-            return version
-    return None
+def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    return list(client.search_model_versions(f"name = {quoted(name)}"))
 
 
-def _champion(client: MlflowClient, name: str):
+def _version_for_run(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
+    """The run's version: its lowest, when racing promoters registered it twice."""
+    mine = [v for v in _versions(client, name) if v.run_id == run_id]
+    return min(mine, key=lambda v: int(v.version)) if mine else None
+
+
+def version_tags(run, metric: str) -> dict[str, str]:
+    """Tags of a new version: where it came from and its best-epoch metrics (what `@champion` is ranked by)."""
+    return {"run_id": run.info.run_id, "metric": metric, "study": run.data.tags.get("study", ""),
+            **{k: f"{v:.6f}" for k, v in run.data.metrics.items() if k.startswith("best/")}}
+
+
+def _delete_twin(client: MlflowClient, name: str, version: ModelVersion, keep: ModelVersion) -> None:
+    if version.aliases:
+        log.warning("%s v%s duplicates v%s but holds aliases %s; kept", name, version.version, keep.version,
+                    version.aliases)
+        return
+    try:
+        client.delete_model_version(name, version.version)
+        log.info("%s: deleted v%s, a second registration of run %s (v%s kept)", name, version.version,
+                 version.run_id, keep.version)
+    except MlflowException:  # another promoter deleted it first
+        pass
+
+
+def register_once(client: MlflowClient, name: str, run, metric: str) -> ModelVersion:
+    """The run's one version of `name`: the existing one, or a new registration (its twin from a racing
+    promoter resolved to the lower version)."""
+    existing = _version_for_run(client, name, run.info.run_id)
+    if existing is not None:
+        return existing
+    created = mlflow.register_model(run.data.tags["model_uri"], name, tags=version_tags(run, metric))
+    kept = _version_for_run(client, name, run.info.run_id) or created
+    if kept.version != created.version:
+        _delete_twin(client, name, created, kept)
+    return kept
+
+
+def remove_twins(client: MlflowClient, name: str) -> None:
+    """Delete second registrations left by a promoter killed between registering and resolving its twin."""
+    by_run: dict[str, list[ModelVersion]] = {}
+    for version in _versions(client, name):
+        by_run.setdefault(version.run_id, []).append(version)
+    for versions in by_run.values():
+        keep, *twins = sorted(versions, key=lambda v: int(v.version))
+        for twin in twins:
+            _delete_twin(client, name, twin, keep)
+
+
+def _rank(version: ModelVersion, protocol: Protocol) -> tuple[float, ...]:
+    metrics = {}
+    for key, value in version.tags.items():
+        try:
+            metrics[key] = float(value)
+        except ValueError:
+            continue
+    return ranking_key(metrics, protocol, prefix="best/") + (-int(version.version),)  # ties: the earlier version
+
+
+def best_version(client: MlflowClient, name: str, protocol: Protocol) -> Optional[ModelVersion]:
+    """The version `@champion` should point at: the best by `protocol` among versions >= the floor tag."""
+    floor = int(client.get_registered_model(name).tags.get(FLOOR_TAG, "0") or 0)
+    candidates = [v for v in _versions(client, name) if int(v.version) >= floor]
+    return max(candidates, key=lambda v: _rank(v, protocol)) if candidates else None
+
+
+def _champion(client: MlflowClient, name: str) -> Optional[ModelVersion]:
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
 
 
+def settle_champion(client: MlflowClient, name: str, protocol: Protocol, attempts: int = 10) -> Optional[ModelVersion]:
+    """Point `@champion` at `best_version`, re-reading after each write until both agree (racing promoters)."""
+    best = None
+    for _ in range(attempts):
+        best = best_version(client, name, protocol)
+        current = _champion(client, name)
+        if best is None or (current is not None and current.version == best.version):
+            return best
+        client.set_registered_model_alias(name, CHAMPION, best.version)
+    return best
+
+
 def promote(category: str, metric: str = "image_auroc", experiment: str = "fastflow", study: str = "",
             force: bool = False, run_id: str = "") -> Promotion:
-    """Register the best run's model and move `champion` to it if it beats the current champion (or `force`)."""
-    client = MlflowClient()
+    """Register the best run's model (once) and move `champion` to it if it beats the current champion.
+
+    `force`: versions registered before this one stop competing (the `champion_floor` tag), so it becomes
+    champion unless a later version beats it."""
+    client = connect()
     ensure_experiment(experiment, tracking_uri())
     run = client.get_run(run_id) if run_id else best_run(category, metric, experiment, study)
     value = run.data.metrics[f"best/{metric}"]
     name = model_name(category)
-    version = _version_for_run(client, name, run.info.run_id)
-    if version is None:
-        tags = {"run_id": run.info.run_id, "metric": metric, "study": run.data.tags.get("study", ""),
-                **{k: f"{v:.6f}" for k, v in run.data.metrics.items() if k.startswith("best/")}}
-        version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
-    champion = _champion(client, name)
-    previous_value = float(champion.tags[f"best/{metric}"]) if champion and f"best/{metric}" in champion.tags else None
-    better = champion is None or previous_value is None or value > previous_value
-    promoted = (force or better) and (champion is None or champion.version != version.version)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-    is_champion = promoted or (champion is not None and champion.version == version.version)
+    protocol = protocol_for_metric(metric)
+    version = register_once(client, name, run, metric)
+    remove_twins(client, name)
+    previous = _champion(client, name)
+    previous_value = float(previous.tags[f"best/{metric}"]) if previous and f"best/{metric}" in previous.tags else None
+    if force:
+        client.set_registered_model_tag(name, FLOOR_TAG, version.version)
+    champion = settle_champion(client, name, protocol)
+    is_champion = champion is not None and champion.version == version.version
     return Promotion(name, version.version, run.info.run_id, value, is_champion,
-                     champion.version if champion else None, previous_value)
+                     previous.version if previous else None, previous_value)
 
 
 # ---------------------------------------------------------------- loading logged models (predict, export)
 
 
 def registered_model_names() -> list[str]:
-    return sorted(model.name for model in MlflowClient().search_registered_models())
+    return sorted(model.name for model in connect().search_registered_models())
 
 
 def _check_model_uri(uri: str) -> None:
     """Fail early, naming what exists, when a `models:/` URI names an unknown model, alias or version."""
-    client = MlflowClient()
+    client = connect()
     spec = uri.removeprefix("models:/").strip("/")
     name, alias, version = spec, None, None
     if "@" in spec:
@@ -114,14 +200,14 @@ def _check_model_uri(uri: str) -> None:
         raise ValueError(f"model '{name}' has no alias '{alias}'; aliases: "
                          f"{', '.join(sorted(model.aliases or {})) or 'none'}")
     if version is not None and version.isdigit():
-        versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
+        versions = sorted(int(v.version) for v in _versions(client, name))
         if int(version) not in versions:
             raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions))}")
 
 
 def load_logged_predictor(uri: str):
     """`models:/<name>@<alias>`, `models:/<name>/<version>` or `runs:/<run id>/model` -> its `inference.Predictor`."""
-    mlflow.set_tracking_uri(tracking_uri())
+    connect()
     if uri.startswith("models:/"):
         _check_model_uri(uri)
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # pip-version notices on every load

@@ -1,8 +1,12 @@
 """Optuna study runner: one study per (category, space) in RDB storage, one nested MLflow run per trial.
 
 The runner creates storage, experiment, study and the parent run before any worker starts (first
-creation races otherwise); workers are separate processes on the same study. Heartbeats turn a
-killed worker's trial into FAIL (its MLflow run FAILED) and enqueue a retry.
+creation races otherwise); workers are separate processes on the same study.
+
+A worker records `host:pid:start` on each trial it runs (user attr `worker`). A trial whose worker died
+is closed so that its state and its one MLflow run agree, and retried once: at once when the worker ran on
+this host (its pid is gone), else when Optuna's heartbeat goes stale. A sweep whose worker died exits
+non-zero naming the trial; the parent run ends only when the study has no running trial (several machines).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import time
 import warnings
@@ -19,21 +24,27 @@ from pathlib import Path
 from typing import Optional
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
 from .protocol import LEAK_FREE, Protocol, protocol_for_objective
+from .redact import redact
 from .registry import Promotion, promote
+from .signals import install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
-from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status,
-                       start_parent_run, start_run, tracking_uri)
+from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, get_run, record_lost_run,
+                       start_parent_run, start_run, tracking_uri, trial_runs)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PARENT_ATTR = "mlflow_parent_run_id"
+EXPERIMENT_ATTR = "mlflow_experiment"
+OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
+RETRY_ATTR = "retry_of"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 
@@ -80,12 +91,77 @@ class PrunedTrial(optuna.TrialPruned):
     mlflow_status = "KILLED"
 
 
-def _mark_stale_run_failed(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Heartbeat-stale trial (its worker died): fail its MLflow run, then retry it once."""
+def _retry_once(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue the trial's parameters again, once (a retry carries none of the dead trial's attributes)."""
+    if RETRY_ATTR not in trial.user_attrs and trial.params:
+        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
+
+
+def _runs_of(study: optuna.Study, trial: FrozenTrial, experiment: str) -> list:
     run_id = trial.user_attrs.get("mlflow_run_id")
-    if run_id and run_status(run_id) == "RUNNING":
-        end_run(run_id, "FAILED", "worker died (Optuna heartbeat lost)")
-    RetryFailedTrialCallback(max_retry=1)(study, trial)
+    return [get_run(run_id)] if run_id else trial_runs(experiment, study.study_name, trial.number)
+
+
+def _fail_runs(study: optuna.Study, trial: FrozenTrial, experiment: str, parent_run_id: str, reason: str) -> None:
+    """End the trial's RUNNING (or FINISHED but unrecorded) run FAILED; create a FAILED one if it had none."""
+    runs = _runs_of(study, trial, experiment)
+    for run in runs:
+        if run.info.status in ("RUNNING", "FINISHED"):
+            end_run(run.info.run_id, "FAILED", reason)
+    if not runs and parent_run_id:
+        record_lost_run(experiment, f"trial-{trial.number:03d}", parent_run_id,
+                        {"trial_number": trial.number, "study": study.study_name}, reason)
+
+
+def _mark_stale_run_failed(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat-stale trial (its worker died; Optuna already set it FAIL): fail its MLflow run, retry once."""
+    _fail_runs(study, trial, study.user_attrs.get(EXPERIMENT_ATTR, "fastflow"), study.user_attrs.get(PARENT_ATTR, ""),
+               "worker died (Optuna heartbeat lost)")
+    _retry_once(study, trial)
+
+
+def close_dead_trial(study: optuna.Study, trial: FrozenTrial, metric: str, reason: str) -> TrialState:
+    """Close a RUNNING trial whose worker is gone, so trial and run agree: a FINISHED run completes the trial
+    with its logged value; a pruned (KILLED) run prunes it; otherwise the trial FAILs, its run is FAILED and
+    the trial is retried once. Returns the state set (or found, when another process closed it first)."""
+    experiment = study.user_attrs.get(EXPERIMENT_ATTR, "fastflow")
+    runs = _runs_of(study, trial, experiment)
+    finished = [r for r in runs if r.info.status == "FINISHED" and f"best/{metric}" in r.data.metrics]
+    pruned = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("pruned") == "true"]
+    storage = study._storage
+    try:
+        if finished:
+            metrics = finished[0].data.metrics
+            storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", finished[0].info.run_id)
+            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc", "epoch"):
+                if f"best/{key}" in metrics:
+                    storage.set_trial_user_attr(trial._trial_id, "best_epoch" if key == "epoch" else key,
+                                                int(metrics[f"best/{key}"]) if key == "epoch" else metrics[f"best/{key}"])
+            storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [metrics[f"best/{metric}"]])
+            return TrialState.COMPLETE
+        if pruned:
+            storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED)
+            return TrialState.PRUNED
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except UpdateFinishedTrialError:  # closed meanwhile by another process
+        return storage.get_trial(trial._trial_id).state
+    _fail_runs(study, trial, experiment, study.user_attrs.get(PARENT_ATTR, ""), reason)
+    _retry_once(study, storage.get_trial(trial._trial_id))
+    return TrialState.FAIL
+
+
+def close_orphaned_trials(study: optuna.Study, metric: str, owners: tuple[str, ...] = ()) -> list[FrozenTrial]:
+    """Close RUNNING trials whose worker process on this host is dead, or whose owner is one of `owners`
+    (this process, after its optimize loop ended). Returns the trials closed."""
+    closed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR, "")
+        if owner and (owner in owners or is_dead(owner)):
+            reason = f"worker {owner} died" if owner not in owners else "worker stopped during the trial"
+            state = close_dead_trial(study, trial, metric, reason)
+            log.warning("trial #%d (worker %s) closed as %s", trial.number, owner, state.name)
+            closed.append(trial)
+    return closed
 
 
 def make_storage(settings: SweepSettings) -> RDBStorage:
@@ -123,7 +199,7 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
     """The study's one MLflow parent run. Its creator stores the id on the study; processes that
     merely load the study wait for it, so workers started together never create two parents."""
     study, created = _create_or_load(settings, space)
-    tags = {"study": settings.resolved_study_name(), "storage": _redact(settings.storage_url()),
+    tags = {"study": settings.resolved_study_name(), "storage": redact(settings.storage_url()),
             "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
             "selection_protocol": settings.protocol.label}
     known = study.user_attrs.get(PARENT_ATTR) or find_parent_run(settings.experiment, study.study_name)
@@ -133,11 +209,13 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
     run_id = start_parent_run(settings.experiment, study.study_name, tags, known or study.user_attrs.get(PARENT_ATTR))
     study.set_user_attr(PARENT_ATTR, run_id)
+    study.set_user_attr(EXPERIMENT_ATTR, settings.experiment)
     return run_id
 
 
 def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
     def objective(trial: optuna.Trial) -> float:
+        trial.set_user_attr(OWNER_ATTR, process_identity())
         sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
         forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment}
         if settings.protocol is LEAK_FREE:
@@ -150,7 +228,7 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
 
             def report(epoch: int, metrics: dict[str, float]) -> None:
                 trial.report(metrics[f"eval/{settings.metric}"], epoch)
-                if trial.should_prune():
+                if epoch < cfg.train.epochs and trial.should_prune():  # never discard a finished training
                     tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch})
                     raise PrunedTrial(f"pruned at epoch {epoch}")
 
@@ -168,10 +246,14 @@ def run_worker(settings: SweepSettings, parent_run_id: str, n_trials: int, worke
     """One worker process: `n_trials` trials of the shared study; failures are recorded, not fatal."""
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    install_signal_policy()  # a spawned worker: SIGTERM from the runner ends its trial like Ctrl-C
     space = load_space(settings.space_path)
     study = load_study(settings, space, worker)
-    study.optimize(make_objective(settings, space, parent_run_id), n_trials=n_trials, timeout=settings.timeout,
-                   catch=(Exception,), gc_after_trial=True)
+    try:
+        study.optimize(make_objective(settings, space, parent_run_id), n_trials=n_trials, timeout=settings.timeout,
+                       catch=(Exception,), gc_after_trial=True)
+    finally:  # a signal between a run's end and Optuna's tell leaves the trial RUNNING: close it now
+        close_orphaned_trials(study, settings.metric, owners=(process_identity(),))
 
 
 def split_trials(trials: int, workers: int) -> list[int]:
@@ -187,26 +269,36 @@ class SweepResult:
     promotion: Optional[Promotion] = None
 
 
+class WorkerDiedError(RuntimeError):
+    """A sweep worker process ended abnormally (killed, crashed); its trial was closed and retried."""
+
+
 def run_sweep(settings: SweepSettings) -> SweepResult:
     """Prepare storage/experiment/study/parent run, run the workers, summarize on the parent run."""
     space = load_space(settings.space_path)
     ensure_experiment(settings.experiment, tracking_uri())
     parent_run_id = parent_run(settings, space)
-    optuna.storages.fail_stale_trials(load_study(settings, space))
-    status = "FINISHED"
+    study = load_study(settings, space)
+    close_orphaned_trials(study, settings.metric)  # workers of an earlier sweep on this host that died
+    optuna.storages.fail_stale_trials(study)
+    status, dead = "FINISHED", []
     try:
         per_worker = [n for n in split_trials(settings.trials, settings.workers) if n > 0]
         if len(per_worker) == 1:
             run_worker(settings, parent_run_id, per_worker[0])
-        else:
-            _run_processes(settings, parent_run_id, per_worker)
+        elif per_worker:
+            dead = _run_processes(settings, parent_run_id, per_worker)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         study = load_study(settings, space)
+        died = close_orphaned_trials(study, settings.metric)
         optuna.storages.fail_stale_trials(study)
-        finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, settings.metric), status)
+        status = "FAILED" if dead and status == "FINISHED" else status
+        _finish_parent_if_idle(study, parent_run_id, settings.metric, status)
+    if dead:
+        raise WorkerDiedError(_death_message(dead, died))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
@@ -214,19 +306,57 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     return result
 
 
-def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list[int]) -> None:
+def _finish_parent_if_idle(study: optuna.Study, parent_run_id: str, metric: str, status: str) -> None:
+    """End the parent run unless a trial still runs (another machine's worker ends it when it finishes)."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if running:
+        log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
+                    ", ".join(f"#{t.number}" for t in running))
+        return
+    finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, metric), status)
+
+
+def _death_message(dead: list[tuple[int, str, int]], closed: list[FrozenTrial]) -> str:
+    parts = []
+    for index, identity, code in dead:
+        trials = [f"#{t.number}" for t in closed if t.user_attrs.get(OWNER_ATTR) == identity]
+        how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
+        parts.append(f"worker {index} (pid {identity.split(':')[1]}) died ({how}) "
+                     + (f"during trial {', '.join(trials)}: marked FAIL, its run FAILED, retry queued"
+                        if trials else "between trials"))
+    return "; ".join(parts) + "; re-run the same command to continue the study"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list[int]) -> list[tuple[int, str, int]]:
+    """Run the workers; returns (index, identity, exit code) of each worker that died (non-zero exit)."""
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=run_worker, args=(settings, parent_run_id, n, i))
                  for i, n in enumerate(per_worker)]
+    identities = []
     for process in processes:
         process.start()
+        identities.append(process_identity(process.pid))
     try:
         for process in processes:
             process.join()
     except KeyboardInterrupt:
+        for process in processes:  # SIGTERM to the runner alone (timeout, docker stop) reaches the workers too
+            if process.is_alive():
+                process.terminate()
         for process in processes:
-            process.join(timeout=30)
+            process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+                process.join()
         raise
+    return [(i, identity, p.exitcode) for i, (p, identity) in enumerate(zip(processes, identities)) if p.exitcode]
 
 
 def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
@@ -264,15 +394,6 @@ def _counts(study: optuna.Study) -> dict[str, int]:
     for trial in study.trials:
         counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
     return counts
-
-
-def _redact(url: str) -> str:
-    """Hide a password in a database URL before it goes into a tag."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        credentials, host = rest.rsplit("@", 1)
-        return f"{scheme}://{credentials.split(':')[0]}:***@{host}"
-    return url
 
 
 def summary_table(result: SweepResult, category: str, metric: str) -> str:

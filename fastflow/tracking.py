@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "View run at <uri>" lines carry credentials
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,6 +30,8 @@ from mlflow.types import Schema, TensorSpec  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import RunConfig, dump_yaml  # noqa: E402
+from .redact import redact  # noqa: E402
+from .signals import Interrupted  # noqa: E402
 from .visualize import curves_figure, heatmap_grid  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,24 @@ def tracking_uri(configured: str = "") -> str:
         return os.environ["MLFLOW_TRACKING_URI"]
     LOCAL_STORE.mkdir(exist_ok=True)
     return f"sqlite:///{LOCAL_STORE.resolve() / 'mlflow.db'}"
+
+
+def connect(configured: str = "") -> MlflowClient:
+    """The one way to a client: resolve the URI (`tracking_uri`), make it MLflow's current one (fluent calls
+    such as `mlflow.register_model` use it), then create the client on it. Never `MlflowClient()` first:
+    without a URI set it opens a stray ./mlflow.db."""
+    uri = tracking_uri(configured)
+    mlflow.set_tracking_uri(uri)
+    return MlflowClient(uri)
+
+
+def quoted(value: str) -> str:
+    """`value` as a string literal of an MLflow filter (single quotes, or double when it holds a single quote)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"{value!r} holds both kinds of quotes; MLflow search filters cannot express it")
 
 
 def ensure_experiment(name: str, uri: str) -> str:
@@ -81,13 +103,13 @@ class MlflowTracker:
         self.client = MlflowClient()
 
     def log_params(self, params: dict) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
         for start in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict) -> None:
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value)[:5000])
+            self.client.set_tag(self.run_id, key, redact(str(value))[:5000])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
@@ -148,15 +170,15 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
     experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
     client = MlflowClient()
     # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
-    all_tags = {"git_commit": git_commit(), **{key: str(value) for key, value in (tags or {}).items()}}
+    all_tags = {"git_commit": git_commit(), **{key: redact(str(value)) for key, value in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None, tags=all_tags)
     tracker = MlflowTracker(run.info.run_id)
     try:
         yield tracker
-    except KeyboardInterrupt:
-        end_run(run.info.run_id, "KILLED", "interrupted")
+    except KeyboardInterrupt as error:
+        end_run(run.info.run_id, "KILLED", interruption_note(error))
         raise
     except BaseException as error:
         status = getattr(error, "mlflow_status", "FAILED")
@@ -166,10 +188,15 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
         end_run(run.info.run_id, "FINISHED")
 
 
+def interruption_note(error: KeyboardInterrupt) -> str:
+    """The `error` tag of a run stopped by a signal: "interrupted" (Ctrl-C) or "terminated (SIGTERM)"."""
+    return "terminated (SIGTERM)" if isinstance(error, Interrupted) and error.signum == signal.SIGTERM else "interrupted"
+
+
 def end_run(run_id: str, status: str, error: str = "") -> None:
     client = MlflowClient()
     if error:
-        client.set_tag(run_id, "error", error[:5000])
+        client.set_tag(run_id, "error", redact(error)[:5000])
     client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
@@ -181,7 +208,7 @@ def find_parent_run(experiment: str, study_name: str) -> Optional[str]:
     """The parent run of a study by its tags (studies whose run id is not stored on the study)."""
     experiment_id = ensure_experiment(experiment, tracking_uri())
     runs = MlflowClient().search_runs([experiment_id], max_results=1,
-                                     filter_string=f"tags.study = '{study_name}' and tags.role = 'study'")
+                                     filter_string=f"tags.study = {quoted(study_name)} and tags.role = 'study'")
     return runs[0].info.run_id if runs else None
 
 
@@ -195,7 +222,7 @@ def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optio
         run_id = client.create_run(experiment_id, run_name=study_name,
                                    tags={"role": "study", "study": study_name, "git_commit": git_commit()}).info.run_id
     for key, value in tags.items():
-        client.set_tag(run_id, key, str(value))
+        client.set_tag(run_id, key, redact(str(value)))
     return run_id
 
 
@@ -250,4 +277,28 @@ def log_report_run(experiment: str, files: list[Path], metrics: dict[str, float]
         client.log_artifact(run_id, str(path), "report")
     MlflowTracker(run_id).log_metrics(metrics, step=0)
     end_run(run_id, "FINISHED")
+    return run_id
+
+
+# ---------------------------------------------------------------- runs of trials whose worker died (sweep)
+
+
+def get_run(run_id: str):
+    return MlflowClient().get_run(run_id)
+
+
+def trial_runs(experiment: str, study_name: str, trial_number: int) -> list:
+    """The runs tagged with this study's trial number (a worker may die before the trial knows its run id)."""
+    experiment_id = ensure_experiment(experiment, tracking_uri())
+    query = f"tags.study = {quoted(study_name)} and tags.trial_number = '{trial_number}'"
+    return list(MlflowClient().search_runs([experiment_id], filter_string=query, max_results=10))
+
+
+def record_lost_run(experiment: str, run_name: str, parent_run_id: str, tags: dict, error: str) -> str:
+    """A FAILED run standing for a trial whose worker died before creating its own run (one run per trial)."""
+    experiment_id = ensure_experiment(experiment, tracking_uri())
+    all_tags = {"git_commit": git_commit(), "mlflow.parentRunId": parent_run_id,
+                **{key: redact(str(value)) for key, value in tags.items()}}
+    run_id = MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+    end_run(run_id, "FAILED", error)
     return run_id

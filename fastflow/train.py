@@ -27,7 +27,9 @@ from .evaluate import evaluate_split, heatmap_indices, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
 from .model import FastFlow, count_parameters
+from .metrics import NonFiniteError
 from .protocol import protocol_for_metric
+from .redact import redact_values
 
 log = logging.getLogger(__name__)
 
@@ -227,10 +229,10 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         metrics = {"train/loss": loss, "train/epoch_seconds": seconds, "train/images_per_s": seen / seconds,
                    "train/lr": optimizer.param_groups[0]["lr"]}
         if epoch % cfg.eval.eval_every == 0 or epoch == cfg.train.epochs:
-            evaluation = evaluate_split(model, encoded.test, cfg, device, keep_maps=shown)
+            evaluation = _evaluate_finite(model, encoded.test, cfg, device, epoch, keep_maps=shown)
             metrics.update({f"eval/{k}": v for k, v in evaluation.metrics.items()})
             if encoded.validation is not None:
-                validation = evaluate_split(model, encoded.validation, cfg, device, pixel_metrics=False)
+                validation = _evaluate_finite(model, encoded.validation, cfg, device, epoch, pixel_metrics=False)
                 metrics["eval/val_image_auroc"] = validation.metrics["image_auroc"]
                 metrics["eval/val_loss"] = validation.loss
             metrics["eval/images_per_s"] = evaluation.images_per_s
@@ -256,12 +258,21 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     return result
 
 
+def _evaluate_finite(model: FastFlow, split, cfg: RunConfig, device: torch.device, epoch: int, **kwargs):
+    """`evaluate_split`, with NaN/inf scores reported as the diverged training they are."""
+    try:
+        return evaluate_split(model, split, cfg, device, **kwargs)
+    except NonFiniteError as error:
+        raise NonFiniteLossError(f"anomaly scores are NaN or infinite after epoch {epoch} ({error}): the flow "
+                                 f"diverged; train.lr={cfg.train.lr} may be too high") from None
+
+
 def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation) -> dict:
     """Everything `predict` needs without the YAML: config, weights, thresholds, score range."""
     thresholds = {"f1": evaluation.metrics["f1_threshold"]}
     if validation is not None:
         thresholds["val_quantile"] = float(np.quantile(validation.normal_scores(), cfg.eval.val_quantile))
-    return {"config": to_dict(cfg), "state_dict": trainable_state(model), "epoch": epoch,
+    return {"config": redact_values(to_dict(cfg)), "state_dict": trainable_state(model), "epoch": epoch,
             "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds,
             "threshold_kind": cfg.eval.threshold if cfg.eval.threshold in thresholds else "f1",
             "score_range": [float(evaluation.scores.min()), float(evaluation.scores.max())],

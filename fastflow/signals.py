@@ -1,0 +1,116 @@
+"""One signal policy for `train` and `sweep`: SIGTERM (timeout, batch schedulers, `docker stop`) is handled
+like SIGINT (Ctrl-C).
+
+The first SIGINT or SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the main thread, so every
+`except KeyboardInterrupt` path runs: MLflow runs end KILLED, Optuna trials FAIL, the parent run is closed.
+Further signals while that cleanup runs are logged and ignored (SIGKILL still ends the process). The CLI
+exits 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process ended by that signal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised by the handler; `signum` is the signal that stopped the process."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_received: Optional[int] = None
+
+
+def _handler(signum: int, frame) -> None:
+    global _received
+    if _received is not None:
+        log.warning("%s received while cleaning up after %s; finishing the cleanup",
+                    signal.Signals(signum).name, signal.Signals(_received).name)
+        return
+    _received = signum
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Handle SIGINT and SIGTERM by raising `Interrupted` (main thread only; no-op elsewhere)."""
+    global _received
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _received = None
+    for signum in HANDLED:
+        signal.signal(signum, _handler)
+
+
+def received() -> Optional[int]:
+    """The signal that interrupted this process, if any."""
+    return _received
+
+
+def exit_code(error: BaseException) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM."""
+    return error.exit_code if isinstance(error, Interrupted) else 128 + signal.SIGINT
+
+
+# ---------------------------------------------------------------- process identity (who owns a trial)
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (Linux), so a reused pid is not mistaken for it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def process_identity(pid: Optional[int] = None) -> str:
+    """`host:pid:start` of this (or the given) process."""
+    import socket
+
+    pid = os.getpid() if pid is None else pid
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def is_dead(identity: str) -> bool:
+    """True only when `identity` is a process of this host that no longer runs (another host: unknown, False)."""
+    import socket
+
+    try:
+        host, pid_text, start = identity.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    if Path(f"/proc/{pid}/stat").exists():
+        current = _start_time(pid)
+        if start and current and current != start:
+            return True  # the pid now belongs to another process
+        try:  # a zombie has finished running
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        except (OSError, IndexError):
+            return False
+    return False
+
+
+__all__ = ["Interrupted", "install", "received", "exit_code", "process_identity", "is_dead"]

@@ -1,0 +1,224 @@
+"""Nothing lost, nothing stuck, nothing executed: promotion, checkpoints, secrets, cache integrity, early errors.
+
+Each test reproduces one finding of issue 13 on real stores (sqlite MLflow, sqlite Optuna) and real pixels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pathlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from fastflow import cli
+from fastflow.config import ConfigError, load_config
+from fastflow.features import EncodedSplit, FeatureCache
+from fastflow.protocol import PAPER, ranking_key
+from fastflow.redact import redact
+from fastflow.registry import CHAMPION, model_name, promote
+from fastflow.tracking import start_run
+from fastflow.train import train_and_evaluate
+
+from conftest import DEMO_YAML, fast_config
+
+TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8",
+        "eval.heatmap_images=0")
+
+
+SECRET = "s3cret-pw"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
+    """A project folder whose default store (mlruns/mlflow.db) holds two finished runs of category synthetic:
+    one from `fastflow train` given the store's URI with a password query parameter (its terminal output kept),
+    one from the library."""
+    folder = tmp_path_factory.mktemp("project")
+    (folder / "mlruns").mkdir()
+    store = folder / "mlruns" / "mlflow.db"
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    args = ["train", "--config", str(DEMO_YAML)]
+    for item in (f"data.root={synthetic_root}", f"train.cache_dir={folder / 'cache'}", "tracking.experiment=fastflow",
+                 f"tracking.uri=sqlite:///{store}?password={SECRET}", "model.input_size=64", *TINY):
+        args += ["--set", item]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli.main(args) == 0
+    cfg = fast_config(folder, *TINY, "train.seed=1", "train.lr=3e-4", "tracking.experiment=fastflow",
+                      f"tracking.uri=sqlite:///{store}", data_root=synthetic_root)
+    with start_run(cfg) as tracker:
+        train_and_evaluate(cfg, tracker)
+    mlflow.set_tracking_uri(before)
+    run_ids = [r.info.run_id for r in MlflowClient(f"sqlite:///{store}").search_runs(
+        [MlflowClient(f"sqlite:///{store}").get_experiment_by_name("fastflow").experiment_id])]
+    return SimpleNamespace(folder=folder, run_ids=run_ids, printed=out.getvalue() + err.getvalue(),
+                           uri=f"sqlite:///{store}?password={SECRET}")
+
+
+def _fresh_process_state(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+    """As in a new shell in `folder`: no MLFLOW_TRACKING_URI, no tracking URI set in MLflow."""
+    monkeypatch.chdir(folder)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    mlflow.set_tracking_uri(None)
+
+
+# ---------------------------------------------------------------- 1. promote on its own
+
+
+def test_cli_promote_alone_uses_the_project_store_and_is_idempotent(project, monkeypatch, capsys):
+    folder, run_ids = project.folder, project.run_ids
+    _fresh_process_state(monkeypatch, folder)
+    assert cli.main(["promote", "--category", "synthetic"]) == 0
+    assert cli.main(["promote", "--category", "synthetic"]) == 0
+    assert "is now @champion" in capsys.readouterr().out
+    assert not (folder / "mlflow.db").exists()  # no stray store in the working folder
+    client = MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+    versions = client.search_model_versions(f"name = '{model_name('synthetic')}'")
+    assert len(versions) == 1 and versions[0].run_id in run_ids
+    assert client.get_model_version_by_alias(model_name("synthetic"), CHAMPION).version == versions[0].version
+
+
+def test_twin_registrations_are_resolved_and_champion_is_best_by_ranking(project, monkeypatch):
+    """A promoter killed between registering and resolving leaves a twin version; the next promotion removes it
+    and points @champion at the best version by the protocol's ranking key."""
+    folder, run_ids = project.folder, project.run_ids
+    _fresh_process_state(monkeypatch, folder)
+    uri = f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    name = model_name("twins")
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    for _ in range(2):  # two racing promoters both registered the first run
+        mlflow.register_model(runs[0].data.tags["model_uri"], name, tags={
+            "run_id": run_ids[0], "metric": "image_auroc",
+            **{k: f"{v:.6f}" for k, v in runs[0].data.metrics.items() if k.startswith("best/")}})
+    for run_id in run_ids:
+        promote("twins", experiment="fastflow", run_id=run_id)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(v.run_id for v in versions) == sorted(run_ids)  # one version per run
+    key = {v.version: ranking_key({k: float(x) for k, x in v.tags.items() if k.startswith("best/")}, PAPER, "best/")
+           for v in versions}
+    best = max(sorted(key, key=int), key=lambda v: key[v])  # ties: the earlier version
+    assert client.get_model_version_by_alias(name, CHAMPION).version == best
+
+
+def test_quote_in_category_is_a_clear_error(project, monkeypatch, capsys):
+    folder = project.folder
+    _fresh_process_state(monkeypatch, folder)
+    assert cli.main(["promote", "--category", "o'ring"]) == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 2. checkpoints are data, never code
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("command", ["predict", "export"])
+def test_pickled_code_in_a_checkpoint_never_runs(tmp_path: Path, capsys, command: str):
+    marker = tmp_path / "payload-ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": _Payload(marker), "state_dict": {}}, evil)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    args = {"predict": ["predict", "--model", str(evil), "--input", str(image), "--out", str(tmp_path / "out")],
+            "export": ["export", "--model", str(evil), "--out", str(tmp_path / "x.onnx")]}[command]
+    assert cli.main(args) == 2
+    assert not marker.exists()
+    error = capsys.readouterr().err
+    assert str(evil) in error and "never as code" in error and "weights_only=False" not in error
+
+
+def test_corrupt_weights_file_is_one_clear_line(tmp_path: Path, capsys):
+    weights = tmp_path / "backbone.pth"
+    weights.write_bytes(b"PK\x03\x04 this is not a state dict" * 10)
+    code = cli.main(["train", "--set", "model.weights=" + str(weights), "--set", "tracking.enabled=false",
+                     "--set", f"data.root={tmp_path / 'data'}", "--set", "model.input_size=64"])
+    error = capsys.readouterr().err
+    assert code == 2 and str(weights) in error and "not a readable PyTorch file" in error
+    assert "weights_only" not in error and "Traceback" not in error
+
+
+# ---------------------------------------------------------------- 4. secrets
+
+
+def test_tracking_uri_password_never_written_or_printed(project, tmp_path: Path):
+    secret, uri = SECRET, project.uri
+    assert "mlflow run:" in project.printed and secret not in project.printed
+    client = MlflowClient(uri)
+    run = next(r for r in client.search_runs([client.get_experiment_by_name("fastflow").experiment_id])
+               if "password" in r.data.params["tracking.uri"])
+    assert run.data.params["tracking.uri"] == redact(uri) and secret not in redact(uri)
+    assert not [k for k, v in {**run.data.params, **run.data.tags}.items() if secret in v]
+    artifacts = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "dl"),
+                                                         tracking_uri=uri))
+    files = [p for p in artifacts.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files) and any(p.name == "checkpoint.pt" for p in files)
+    assert not [p for p in files if secret.encode() in p.read_bytes()]
+    assert redact("postgresql://fastflow:pw1@db:5432/optuna") == "postgresql://fastflow:***@db:5432/optuna"
+    assert redact("http://host/x?user=a&token=t0k&x=1") == "http://host/x?user=a&token=***&x=1"
+
+
+# ---------------------------------------------------------------- 5. feature cache integrity
+
+
+def test_corrupt_cache_entry_is_detected_and_replaced(tmp_path: Path):
+    cache = FeatureCache(tmp_path / "cache", 10**9)
+    generator = torch.Generator().manual_seed(0)
+    split = EncodedSplit([torch.rand(8, 16, 16, 16, generator=generator)], torch.zeros(8, 1, 64, 64, dtype=torch.bool),
+                         torch.zeros(8, dtype=torch.long))
+    cache.store("key", split)
+    path = tmp_path / "cache" / "key" / "split.pt"
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = os.urandom(4096)  # 4 KB of tensor data overwritten
+    path.write_bytes(bytes(data))
+    assert cache.load("key") is None  # never trusted
+    cache.store("key", split)  # what encode_cached does after recomputing
+    loaded = cache.load("key")
+    assert loaded is not None and torch.equal(loaded.features[0], split.features[0])
+
+
+# ---------------------------------------------------------------- 6. early, friendly errors
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.input_size=100", "model.input_size=100 is invalid; expected a multiple of 16"),
+    ("train.device=tpu", "train.device='tpu' is invalid; expected auto, cpu, cuda, cuda:N or mps"),
+])
+def test_config_errors_before_any_model_is_built(override: str, expected: str):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(")):
+        load_config(None, ["model.backbone=resnet18", override])
+    load_config(None, ["model.backbone=resnet18", "model.input_size=96", "train.device=cuda:1"])
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        load_config(None, ["model.backbone=deit_base_distilled_patch16_384", "model.feature_indices=[7]",
+                           "model.input_size=200"])
+
+
+def test_diverging_lr_with_one_step_per_epoch_is_one_line_naming_the_lr(tmp_path: Path, synthetic_root: Path, capsys):
+    args = ["train", "--config", str(DEMO_YAML)]
+    for item in (f"data.root={synthetic_root}", f"train.cache_dir={tmp_path / 'cache'}", "tracking.enabled=false",
+                 "model.input_size=64", "train.max_train_images=8", "train.batch_size=8", "train.epochs=2",
+                 "train.lr=1e30", "eval.heatmap_images=0"):
+        args += ["--set", item]
+    assert cli.main(args) == 1
+    error = capsys.readouterr().err
+    lines = [line for line in error.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in error
+    assert "NaN or infinite after epoch 1" in lines[0] and "train.lr=1e+30 may be too high" in lines[0]
