@@ -81,7 +81,7 @@ def check_registry() -> list[str]:
             if version.run_id in seen:
                 problems.append(f"{model.name}: v{seen[version.run_id]} and v{version.version} are one run "
                                 f"{version.run_id}")
-            seen.setdefault(version.run_id, version.version)
+            seen.setdefault(version.run_id, str(version.version))
         if not versions:
             continue
         champion = (model.aliases or {}).get(CHAMPION)
@@ -89,7 +89,7 @@ def check_registry() -> list[str]:
         best = best_version(client, model.name, protocol_for_metric(metric))
         if champion is None:
             problems.append(f"{model.name}: {len(versions)} versions but no @{CHAMPION}")
-        elif best is not None and str(champion) != best.version:
+        elif best is not None and str(champion) != str(best.version):
             problems.append(f"{model.name}: @{CHAMPION} is v{champion}, the best version is v{best.version}")
     return problems
 

@@ -98,7 +98,7 @@ def register_once(client: MlflowClient, name: str, run, metric: str) -> ModelVer
         return existing
     created = mlflow.register_model(run.data.tags["model_uri"], name, tags=version_tags(run, metric))
     kept = _version_for_run(client, name, run.info.run_id) or created
-    if kept.version != created.version:
+    if str(kept.version) != str(created.version):
         _delete_twin(client, name, created, kept)
     return kept
 
@@ -144,7 +144,7 @@ def settle_champion(client: MlflowClient, name: str, protocol: Protocol, attempt
     for _ in range(attempts):
         best = best_version(client, name, protocol)
         current = _champion(client, name)
-        if best is None or (current is not None and current.version == best.version):
+        if best is None or (current is not None and str(current.version) == str(best.version)):
             return best
         client.set_registered_model_alias(name, CHAMPION, best.version)
     return best
@@ -169,7 +169,7 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     if force:
         client.set_registered_model_tag(name, FLOOR_TAG, version.version)
     champion = settle_champion(client, name, protocol)
-    is_champion = champion is not None and champion.version == version.version
+    is_champion = champion is not None and str(champion.version) == str(version.version)
     return Promotion(name, version.version, run.info.run_id, value, is_champion,
                      previous.version if previous else None, previous_value)
 

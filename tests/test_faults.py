@@ -1,0 +1,130 @@
+"""Fault injection on real processes: SIGTERM/SIGKILL at a random point of a tiny train and a tiny sweep, then
+a re-run; the stores are checked through MLflow and Optuna (fastflow.invariants). More kills: `make chaos`."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from fastflow.invariants import check_all, check_runs_and_trials
+from fastflow.space import load_space
+from fastflow.sweep import OWNER_ATTR, SweepSettings, make_objective, run_sweep
+
+from conftest import DEMO_YAML
+from test_sweep import write_space
+
+STUDY = "fastflow-synthetic-tiny"
+
+
+@pytest.fixture
+def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return {"tmp": tmp_path, "storage": os.environ["OPTUNA_STORAGE"]}
+
+
+def _wait(predicate, seconds: float = 240, what: str = "condition"):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"no {what} within {seconds} s")
+
+
+def _running_trials(storage: str):
+    try:
+        trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    except KeyError:
+        return []
+    return [t for t in trials if t.state == TrialState.RUNNING and OWNER_ATTR in t.user_attrs
+            and "mlflow_run_id" in t.user_attrs]
+
+
+def _sweep_command(space: Path, root: Path, trials: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "fastflow.cli", "sweep", "--space", str(space), "--category", "synthetic",
+            "--root", str(root), "--trials", str(trials), "--workers", str(workers)]
+
+
+def test_sigterm_ends_a_training_run_killed(stores, synthetic_root):
+    tmp = stores["tmp"]
+    command = [sys.executable, "-m", "fastflow.cli", "train", "--config", str(DEMO_YAML)]
+    for item in (f"data.root={synthetic_root}", f"train.cache_dir={tmp / 'cache'}", "tracking.experiment=faults",
+                 "model.input_size=64", "train.epochs=500", "train.max_train_images=8", "eval.heatmap_images=0"):
+        command += ["--set", item]
+    train = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    client = MlflowClient()
+
+    def running_run():
+        experiment = client.get_experiment_by_name("faults") if (tmp / "mlflow.db").exists() else None
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return runs[0] if runs and runs[0].info.status == "RUNNING" else None
+
+    run = _wait(running_run, what="running train")
+    time.sleep(random.uniform(0.5, 3.0))
+    train.send_signal(signal.SIGTERM)  # what timeout(1), batch schedulers and docker stop send
+    assert train.wait(timeout=120) == 143
+    assert "terminated (SIGTERM)" in train.stderr.read().decode()
+    ended = client.get_run(run.info.run_id)
+    assert ended.info.status == "KILLED" and ended.data.tags["error"] == "terminated (SIGTERM)"
+
+
+def test_sigkilled_sweep_is_closed_at_once_by_the_next_run(stores, synthetic_root):
+    """SIGKILL leaves no chance to clean up; re-running within the heartbeat grace (30 s) closes the dead
+    worker's trial and run at once, and the parent run ends FINISHED with nothing RUNNING."""
+    tmp, storage = stores["tmp"], stores["storage"]
+    sweep = subprocess.Popen(_sweep_command(write_space(tmp, epochs=50), synthetic_root, 1, 1), env=os.environ.copy(),
+                             cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = _wait(lambda: _running_trials(storage), what="running trial")[0]
+    time.sleep(random.uniform(0.0, 2.0))
+    os.killpg(sweep.pid, signal.SIGKILL)
+    sweep.wait()
+    result = run_sweep(SweepSettings(write_space(tmp, epochs=1), "synthetic", str(synthetic_root), trials=1,
+                                     experiment="fastflow", promote=True))
+    assert check_all(storage) == []
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    assert trials[killed.number].state in (TrialState.FAIL, TrialState.COMPLETE)  # COMPLETE: its run had finished
+    assert MlflowClient().get_run(result.parent_run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow  # two spawned workers (~35 s idle); `make chaos` kills workers many more times
+def test_dead_worker_fails_the_sweep_naming_its_trial(stores, synthetic_root):
+    tmp, storage = stores["tmp"], stores["storage"]
+    sweep = subprocess.Popen(_sweep_command(write_space(tmp, epochs=4), synthetic_root, 2, 2), env=os.environ.copy(),
+                             cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    victim = _wait(lambda: _running_trials(storage), what="running trial")[0]
+    os.kill(int(victim.user_attrs[OWNER_ATTR].split(":")[1]), signal.SIGKILL)
+    assert sweep.wait(timeout=240) == 2
+    error = sweep.stderr.read().decode()
+    assert f"trial #{victim.number}" in error and "SIGKILL" in error
+    assert check_runs_and_trials(storage) == []  # closed by the sweep itself, no re-run needed
+    trial = optuna.load_study(study_name=STUDY, storage=storage).trials[victim.number]
+    assert trial.state == TrialState.FAIL
+    assert MlflowClient().get_run(victim.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+
+
+def test_a_trial_is_never_pruned_at_its_final_epoch(stores, synthetic_root):
+    tmp, storage = stores["tmp"], stores["storage"]
+    space_path = write_space(tmp, epochs=1)
+    settings = SweepSettings(space_path, "synthetic", str(synthetic_root), trials=1, experiment="faults")
+    pruner = optuna.pruners.ThresholdPruner(lower=1.5)  # every AUROC (<= 1) is below: prune whenever asked
+    study = optuna.create_study(study_name="prune", storage=storage, direction="maximize", pruner=pruner)
+    study.optimize(make_objective(settings, load_space(space_path), ""), n_trials=1)
+    trial = study.trials[0]
+    assert trial.intermediate_values  # the final epoch was reported...
+    assert trial.state == TrialState.COMPLETE  # ...and the finished training kept
+    assert MlflowClient().get_run(trial.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
