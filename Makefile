@@ -16,7 +16,7 @@ DASHBOARD_PORT ?= 8080
 BACKBONE ?= resnet18
 CATEGORIES ?=
 
-.PHONY: install train sweep promote test test-all test-distributed ui dashboard data paper benchmark clean
+.PHONY: install train sweep promote test test-all test-distributed chaos ui dashboard data paper benchmark clean
 
 install: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -49,6 +49,11 @@ test-all: install
 # backend, proxied artifacts), all on 127.0.0.1 in a temp dir; ~3-4 min on 2 CPU cores, not part of `make test`.
 test-distributed: install
 	bash scripts/distributed_test.sh
+
+# Fault injection: SIGINT/SIGTERM/SIGKILL at random points of train, sweep (1 and 2 workers) and racing
+# promoters, each followed by a re-run and an invariant check (scripts/chaos.py); MINUTES=15 by default.
+chaos: install
+	nice -n 10 $(BIN)/python scripts/chaos.py $(if $(MINUTES),--minutes $(MINUTES))
 
 ui: install
 	$(BIN)/fastflow ui --port $(PORT)
