@@ -15,8 +15,8 @@ from .redact import redact
 
 
 def _train(args) -> int:
+    signals.install()  # from the start: a SIGTERM during the slow imports is reported like a later one
     cfg = load_config(args.config, args.set)  # report config errors before the slow imports
-    signals.install()
     from .tracking import start_run
     from .train import train_and_evaluate
 
@@ -36,10 +36,10 @@ def _train(args) -> int:
 
 def _sweep(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: Optuna logs each trial instead
+    signals.install()
     from .space import load_space
     from .sweep import SweepSettings, run_sweep, summary_table
 
-    signals.install()
     space = load_space(args.space)
     category = args.category or space.category
     trials = space.trials if args.trials is None else args.trials
