@@ -6,6 +6,7 @@ Versions are never deleted; a run already registered is not registered twice.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -13,6 +14,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .model_card import registered_model_description, version_description
+from .protocol import protocol_for_metric, ranking_key
 from .tracking import ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -77,15 +80,25 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
         tags = {"run_id": run.info.run_id, "metric": metric, "study": run.data.tags.get("study", ""),
                 **{k: f"{v:.6f}" for k, v in run.data.metrics.items() if k.startswith("best/")}}
         version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
+        _describe(client, name, version.version, run, metric)
+        version = client.get_model_version(name, version.version)  # with its tags
     champion = _champion(client, name)
     previous_value = float(champion.tags[f"best/{metric}"]) if champion and f"best/{metric}" in champion.tags else None
-    better = champion is None or previous_value is None or value > previous_value
+    protocol = protocol_for_metric(metric)  # the objective, then the same protocol's tie-breaking metrics
+    better = champion is None or ranking_key(version.tags, protocol, "best/") > ranking_key(champion.tags, protocol, "best/")
     promoted = (force or better) and (champion is None or champion.version != version.version)
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, version.version)
     is_champion = promoted or (champion is not None and champion.version == version.version)
     return Promotion(name, version.version, run.info.run_id, value, is_champion,
                      champion.version if champion else None, previous_value)
+
+
+def _describe(client: MlflowClient, name: str, version: str, run, metric: str) -> None:
+    """Descriptions on the registered model and on the new version (see model_card.py)."""
+    client.update_registered_model(name, description=registered_model_description(run.data.tags.get("category", "")))
+    client.update_model_version(name, version, description=version_description(
+        run.info.run_name or run.info.run_id, run.data.tags, run.data.metrics, metric))
 
 
 # ---------------------------------------------------------------- loading logged models (predict, export)
@@ -119,11 +132,23 @@ def _check_model_uri(uri: str) -> None:
             raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions))}")
 
 
+def _resolve_run_model_uri(uri: str) -> str:
+    """`runs:/<run id>/model` -> the run's `model_uri` tag (logged models are named after their run, not `model`)."""
+    match = re.fullmatch(r"runs:/([0-9a-f]{32})/model/?", uri)
+    if match is None:
+        return uri
+    try:
+        return MlflowClient().get_run(match.group(1)).data.tags.get("model_uri", uri)
+    except MlflowException:
+        return uri
+
+
 def load_logged_predictor(uri: str):
     """`models:/<name>@<alias>`, `models:/<name>/<version>` or `runs:/<run id>/model` -> its `inference.Predictor`."""
     mlflow.set_tracking_uri(tracking_uri())
     if uri.startswith("models:/"):
         _check_model_uri(uri)
+    uri = _resolve_run_model_uri(uri)
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # pip-version notices on every load
     try:
         model = mlflow.pyfunc.load_model(uri)

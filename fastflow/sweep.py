@@ -24,11 +24,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
-from .protocol import LEAK_FREE, Protocol, protocol_for_objective
+from .protocol import LEAK_FREE, PAPER, Protocol, protocol_for_objective, ranking_key
 from .registry import Promotion, promote
 from .space import SearchSpace, load_space, nested
-from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status,
-                       start_parent_run, start_run, tracking_uri)
+from .study_page import figure_png, render_study_page, trial_rows
+from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run, finish_parent_run,
+                       read_artifact, run_status, start_parent_run, start_run, tracking_uri)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 PARENT_ATTR = "mlflow_parent_run_id"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
+RANKED_METRICS = tuple(dict.fromkeys(PAPER.ranking + LEAK_FREE.ranking))  # stored on each trial (user attrs)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
     run_id = start_parent_run(settings.experiment, study.study_name, tags, known or study.user_attrs.get(PARENT_ATTR))
     study.set_user_attr(PARENT_ATTR, run_id)
+    study.set_metric_names([objective_name(settings.protocol)])  # optuna-dashboard's name for the objective
     return run_id
 
 
@@ -150,12 +153,13 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
 
             def report(epoch: int, metrics: dict[str, float]) -> None:
                 trial.report(metrics[f"eval/{settings.metric}"], epoch)
-                if trial.should_prune():
-                    tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch})
+                if trial.should_prune():  # the run name says so in the runs table (its status is KILLED)
+                    tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch,
+                                      "mlflow.runName": f"trial-{trial.number:03d}-pruned"})
                     raise PrunedTrial(f"pruned at epoch {epoch}")
 
             result = train_and_evaluate(cfg, tracker, report)
-            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc"):
+            for key in RANKED_METRICS:
                 if f"eval/{key}" in result.best_metrics:
                     trial.set_user_attr(key, result.best_metrics[f"eval/{key}"])
             trial.set_user_attr("best_epoch", result.best_epoch)
@@ -206,8 +210,15 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     finally:
         study = load_study(settings, space)
         optuna.storages.fail_stale_trials(study)
-        finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, settings.metric), status)
-    result = SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
+        figures = study_figures(study, settings.protocol)
+        try:
+            page = study_page(study, settings, parent_run_id, figures)
+        except Exception as error:  # the page is a view: never leave the parent run RUNNING over it
+            log.warning("no study page: %s: %s", type(error).__name__, error)
+            page = ""
+        finish_parent_run(parent_run_id, figures, _best_metrics(study, settings.protocol), status, page)
+    result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
+                         _counts(study))
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
@@ -229,12 +240,23 @@ def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list
         raise
 
 
-def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+def objective_name(protocol: Protocol) -> str:
+    """The objective's name in Optuna and on the study figures, e.g. `image_auroc (test set (paper protocol))`."""
+    return f"{protocol.metric} ({protocol.label})"
+
+
+def trial_rank(trial: FrozenTrial, protocol: Protocol) -> tuple[float, ...]:
+    """The objective, then the protocol's tie-breaking metrics (stored on the trial); larger is better."""
+    return ranking_key({**trial.user_attrs, protocol.metric: trial.value}, protocol)
+
+
+def best_trial(study: optuna.Study, protocol: Protocol) -> Optional[FrozenTrial]:
+    """The best complete trial by `protocol.ranking`; among exact ties the earliest."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    return max(complete, key=lambda t: t.value) if complete else None
+    return max(complete, key=lambda t: trial_rank(t, protocol)) if complete else None
 
 
-def study_figures(study: optuna.Study) -> dict:
+def study_figures(study: optuna.Study, protocol: Protocol) -> dict:
     """Optimization history, parameter importance and parallel coordinates (those computable now)."""
     from optuna.visualization import matplotlib as plots
 
@@ -245,18 +267,42 @@ def study_figures(study: optuna.Study) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                figures[f"{name}.png"] = plot(study).figure
+                axes = plot(study, target_name=objective_name(protocol))
+                figures[f"{name}.png"] = readable(axes)
         except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
             log.info("skipping %s: %s", name, error)
     return figures
 
 
-def _best_metrics(study: optuna.Study, metric: str) -> dict[str, float]:
-    best = _best_trial(study)
+def readable(axes):
+    """Optuna's matplotlib figure at a size where its labels do not overlap."""
+    figure = axes.figure
+    figure.set_size_inches(10, 5.5)
+    for axis in figure.axes:
+        for label in axis.get_xticklabels():
+            label.set_rotation(20)
+            label.set_horizontalalignment("right")
+    figure.tight_layout()
+    return figure
+
+
+def study_page(study: optuna.Study, settings: SweepSettings, parent_run_id: str, figures: dict) -> str:
+    """The HTML study page for the parent run: trials ranked, their runs, the champion's heatmaps, the figures."""
+    best = best_trial(study, settings.protocol)
+    runs = child_run_summaries(parent_run_id)
+    heatmaps = read_artifact(best.user_attrs["mlflow_run_id"], BEST_HEATMAPS) if best is not None else None
+    rows = trial_rows(study.trials, runs, settings.protocol)
+    return render_study_page(study.study_name, settings.category, settings.protocol, rows,
+                             best.number if best is not None else None, heatmaps,
+                             {name: figure_png(figure) for name, figure in figures.items()})
+
+
+def _best_metrics(study: optuna.Study, protocol: Protocol) -> dict[str, float]:
+    best = best_trial(study, protocol)
     if best is None:
         return {}
     values = {f"best/{k}": v for k, v in best.user_attrs.items() if isinstance(v, float)}
-    return {**values, f"best/{metric}": best.value, "best/trial_number": best.number}
+    return {**values, f"best/{protocol.metric}": best.value, "best/trial_number": best.number}
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:
