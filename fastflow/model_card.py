@@ -49,7 +49,7 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
         f"- ranked by: {protocol.label}: " + " > ".join(f"`{name}`" for name in protocol.ranking)
         + " (later ones break ties)",
         f"- best epoch chosen by: {tags.get('selection_protocol', '?')}",
-        f"- threshold: {_number(tags['threshold'])} ({kind}: {THRESHOLD_SOURCES.get(kind, 'unknown source')})"
+        f"- threshold: {tags['threshold']} ({kind}: {THRESHOLD_SOURCES.get(kind, 'unknown source')})"
         if "threshold" in tags else "- threshold: not recorded",
         "",
         "| metric (best epoch) | value | protocol |",

@@ -65,7 +65,7 @@ def trial_rows(trials: Sequence, runs: Mapping[str, Mapping], protocol: Protocol
         run = runs.get(run_id, {})
         tags = run.get("tags", {})
         metrics = _metrics(run, state == "complete", trial.user_attrs)
-        note = f"pruned at epoch {tags['pruned_at_epoch']}" if "pruned_at_epoch" in tags else ""
+        note = f"at epoch {tags['pruned_at_epoch']}" if "pruned_at_epoch" in tags else ""
         if state == "failed":
             note = tags.get("error", "")[:200]
         value = trial.value if state == "complete" else None
@@ -88,7 +88,7 @@ def _img(png: bytes, alt: str) -> str:
 
 STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1a1a1a}
 table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f2f2f2}td.l,th.l{text-align:left}tr.best{background:#e6f4ea;font-weight:600}
+th{background:#f2f2f2}td.l,th.l{text-align:left;white-space:nowrap}td.s{white-space:normal;min-width:10em}tr.best{background:#e6f4ea;font-weight:600}
 tr.pruned{color:#8a6d00;background:#fff8e1}tr.failed{color:#b00020;background:#fdecea}
 img{max-width:100%;border:1px solid #ddd;margin:4px 0}.note{color:#555;font-size:13px}h2{margin-top:28px}"""
 
@@ -119,9 +119,9 @@ def _table(rows: list[TrialRow], protocol: Protocol, best: Optional[int]) -> str
         link = (f'<a data-run="{html.escape(row.run_id)}" data-experiment="{html.escape(row.experiment_id)}" '
                 f'title="run id {html.escape(row.run_id)}">{html.escape(row.run_name or row.run_id)}</a>'
                 if row.run_id else "")
-        state = html.escape(row.state + (f" ({row.note})" if row.note else ""))
+        state = html.escape(row.state + (f" {row.note}" if row.state == "pruned" else f" ({row.note})" if row.note else ""))
         cells = [f'<td class="l">#{row.number}{" (best)" if row.number == best else ""}</td>',
-                 f'<td class="l">{link}</td>', f'<td class="l">{state}</td>', f"<td>{_number(row.value)}</td>"]
+                 f'<td class="l">{link}</td>', f'<td class="l s">{state}</td>', f"<td>{_number(row.value)}</td>"]
         cells += [f"<td>{_number(row.metrics.get(n))}</td>" for n in (*test, *leak_free)]
         epoch = row.metrics.get("epoch")
         cells.append(f"<td>{'' if epoch is None else int(epoch)}</td>")
