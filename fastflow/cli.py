@@ -72,17 +72,28 @@ def _promote(args) -> int:
 
 
 def _ui(args) -> int:
-    import subprocess
+    import signal
 
-    from .tracking import LOCAL_STORE, experiment_url, tracking_uri
+    from .ui import start_ui, stop_ui, wait_until_answers
 
-    uri = tracking_uri()
-    print(f"MLflow UI: {experiment_url(args.experiment, args.port)}")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
-               "--port", str(args.port)]
-    if uri.startswith("sqlite:"):
-        command += ["--default-artifact-root", (LOCAL_STORE / "artifacts").resolve().as_uri()]
-    return subprocess.call(command)
+    def stop(signum, frame):  # SIGTERM like Ctrl-C: stop the server's whole process group on the way out
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    server = start_ui(args.port, args.experiment)
+    try:
+        if not wait_until_answers(server):
+            code = server.process.poll()
+            print(f"error: the MLflow UI did not answer on port {args.port}"
+                  + (f" (mlflow ui exited with {code}; is the port in use?)" if code is not None else ""),
+                  file=sys.stderr)
+            return 1
+        print(f"MLflow UI: {server.url}", flush=True)
+        return server.process.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stop_ui(server)
 
 
 def _download(args) -> int:

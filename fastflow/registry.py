@@ -14,6 +14,7 @@ Safe to run again and from several machines at once, using only the registry's o
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from .model_card import registered_model_description, version_description
 from .protocol import Protocol, protocol_for_metric, ranking_key
 from .tracking import connect, ensure_experiment, quoted, tracking_uri
 
@@ -161,9 +163,10 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     run = client.get_run(run_id) if run_id else best_run(category, metric, experiment, study)
     value = run.data.metrics[f"best/{metric}"]
     name = model_name(category)
-    protocol = protocol_for_metric(metric)
+    protocol = protocol_for_metric(metric)  # the objective, then the same protocol's tie-breaking metrics
     version = register_once(client, name, run, metric)
     remove_twins(client, name)
+    _describe(client, name, version.version, run, metric)  # idempotent: the same text for the same run
     previous = _champion(client, name)
     previous_value = float(previous.tags[f"best/{metric}"]) if previous and f"best/{metric}" in previous.tags else None
     if force:
@@ -172,6 +175,13 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     is_champion = champion is not None and str(champion.version) == str(version.version)
     return Promotion(name, version.version, run.info.run_id, value, is_champion,
                      previous.version if previous else None, previous_value)
+
+
+def _describe(client: MlflowClient, name: str, version: str, run, metric: str) -> None:
+    """Descriptions on the registered model and on the new version (see model_card.py)."""
+    client.update_registered_model(name, description=registered_model_description(run.data.tags.get("category", "")))
+    client.update_model_version(name, version, description=version_description(
+        run.info.run_name or run.info.run_id, run.data.tags, run.data.metrics, metric))
 
 
 # ---------------------------------------------------------------- loading logged models (predict, export)
@@ -205,11 +215,23 @@ def _check_model_uri(uri: str) -> None:
             raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions))}")
 
 
+def _resolve_run_model_uri(uri: str) -> str:
+    """`runs:/<run id>/model` -> the run's `model_uri` tag (logged models are named after their run, not `model`)."""
+    match = re.fullmatch(r"runs:/([0-9a-f]{32})/model/?", uri)
+    if match is None:
+        return uri
+    try:
+        return connect().get_run(match.group(1)).data.tags.get("model_uri", uri)
+    except MlflowException:
+        return uri
+
+
 def load_logged_predictor(uri: str):
     """`models:/<name>@<alias>`, `models:/<name>/<version>` or `runs:/<run id>/model` -> its `inference.Predictor`."""
     connect()
     if uri.startswith("models:/"):
         _check_model_uri(uri)
+    uri = _resolve_run_model_uri(uri)
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # pip-version notices on every load
     try:
         model = mlflow.pyfunc.load_model(uri)

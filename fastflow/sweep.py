@@ -30,13 +30,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
-from .protocol import LEAK_FREE, Protocol, protocol_for_objective
+from .protocol import LEAK_FREE, PAPER, Protocol, protocol_for_objective, ranking_key
 from .redact import redact
 from .registry import Promotion, promote
 from .signals import install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
-from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, get_run, record_lost_run,
-                       start_parent_run, start_run, tracking_uri, trial_runs)
+from .study_page import figure_png, render_study_page, trial_rows
+from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
+                       finish_parent_run, get_run, read_artifact, record_lost_run, start_parent_run, start_run,
+                       tracking_uri, trial_runs)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
 RETRY_ATTR = "retry_of"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
+RANKED_METRICS = tuple(dict.fromkeys(PAPER.ranking + LEAK_FREE.ranking))  # stored on each trial (user attrs)
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
     run_id = start_parent_run(settings.experiment, study.study_name, tags, known or study.user_attrs.get(PARENT_ATTR))
     study.set_user_attr(PARENT_ATTR, run_id)
     study.set_user_attr(EXPERIMENT_ATTR, settings.experiment)
+    study.set_metric_names([objective_name(settings.protocol)])  # optuna-dashboard's name for the objective
     return run_id
 
 
@@ -229,11 +233,12 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
             def report(epoch: int, metrics: dict[str, float]) -> None:
                 trial.report(metrics[f"eval/{settings.metric}"], epoch)
                 if epoch < cfg.train.epochs and trial.should_prune():  # never discard a finished training
-                    tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch})
+                    tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch,  # the run name shows it too
+                                      "mlflow.runName": f"trial-{trial.number:03d}-pruned"})
                     raise PrunedTrial(f"pruned at epoch {epoch}")
 
             result = train_and_evaluate(cfg, tracker, report)
-            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc"):
+            for key in RANKED_METRICS:
                 if f"eval/{key}" in result.best_metrics:
                     trial.set_user_attr(key, result.best_metrics[f"eval/{key}"])
             trial.set_user_attr("best_epoch", result.best_epoch)
@@ -296,24 +301,32 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         died = close_orphaned_trials(study, settings.metric)
         optuna.storages.fail_stale_trials(study)
         status = "FAILED" if dead and status == "FINISHED" else status
-        _finish_parent_if_idle(study, parent_run_id, settings.metric, status)
+        _finish_parent_if_idle(study, settings, parent_run_id, status)
     if dead:
         raise WorkerDiedError(_death_message(dead, died))
-    result = SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
+    result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
+                         _counts(study))
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
     return result
 
 
-def _finish_parent_if_idle(study: optuna.Study, parent_run_id: str, metric: str, status: str) -> None:
-    """End the parent run unless a trial still runs (another machine's worker ends it when it finishes)."""
+def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_run_id: str, status: str) -> None:
+    """Attach figures, study page and best metrics and end the parent run, unless a trial still runs
+    (another machine's worker ends it when it finishes)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if running:
         log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
                     ", ".join(f"#{t.number}" for t in running))
         return
-    finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, metric), status)
+    figures = study_figures(study, settings.protocol)
+    try:
+        page = study_page(study, settings, parent_run_id, figures)
+    except Exception as error:  # the page is a view: never leave the parent run RUNNING over it
+        log.warning("no study page: %s: %s", type(error).__name__, error)
+        page = ""
+    finish_parent_run(parent_run_id, figures, _best_metrics(study, settings.protocol), status, page)
 
 
 def _death_message(dead: list[tuple[int, str, int]], closed: list[FrozenTrial]) -> str:
@@ -359,12 +372,23 @@ def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list
     return [(i, identity, p.exitcode) for i, (p, identity) in enumerate(zip(processes, identities)) if p.exitcode]
 
 
-def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
+def objective_name(protocol: Protocol) -> str:
+    """The objective's name in Optuna and on the study figures, e.g. `image_auroc (test set (paper protocol))`."""
+    return f"{protocol.metric} ({protocol.label})"
+
+
+def trial_rank(trial: FrozenTrial, protocol: Protocol) -> tuple[float, ...]:
+    """The objective, then the protocol's tie-breaking metrics (stored on the trial); larger is better."""
+    return ranking_key({**trial.user_attrs, protocol.metric: trial.value}, protocol)
+
+
+def best_trial(study: optuna.Study, protocol: Protocol) -> Optional[FrozenTrial]:
+    """The best complete trial by `protocol.ranking`; among exact ties the earliest."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    return max(complete, key=lambda t: t.value) if complete else None
+    return max(complete, key=lambda t: trial_rank(t, protocol)) if complete else None
 
 
-def study_figures(study: optuna.Study) -> dict:
+def study_figures(study: optuna.Study, protocol: Protocol) -> dict:
     """Optimization history, parameter importance and parallel coordinates (those computable now)."""
     from optuna.visualization import matplotlib as plots
 
@@ -375,18 +399,42 @@ def study_figures(study: optuna.Study) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                figures[f"{name}.png"] = plot(study).figure
+                axes = plot(study, target_name=objective_name(protocol))
+                figures[f"{name}.png"] = readable(axes)
         except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
             log.info("skipping %s: %s", name, error)
     return figures
 
 
-def _best_metrics(study: optuna.Study, metric: str) -> dict[str, float]:
-    best = _best_trial(study)
+def readable(axes):
+    """Optuna's matplotlib figure at a size where its labels do not overlap."""
+    figure = axes.figure
+    figure.set_size_inches(10, 5.5)
+    for axis in figure.axes:
+        for label in axis.get_xticklabels():
+            label.set_rotation(20)
+            label.set_horizontalalignment("right")
+    figure.tight_layout()
+    return figure
+
+
+def study_page(study: optuna.Study, settings: SweepSettings, parent_run_id: str, figures: dict) -> str:
+    """The HTML study page for the parent run: trials ranked, their runs, the champion's heatmaps, the figures."""
+    best = best_trial(study, settings.protocol)
+    runs = child_run_summaries(parent_run_id)
+    heatmaps = read_artifact(best.user_attrs["mlflow_run_id"], BEST_HEATMAPS) if best is not None else None
+    rows = trial_rows(study.trials, runs, settings.protocol)
+    return render_study_page(study.study_name, settings.category, settings.protocol, rows,
+                             best.number if best is not None else None, heatmaps,
+                             {name: figure_png(figure) for name, figure in figures.items()})
+
+
+def _best_metrics(study: optuna.Study, protocol: Protocol) -> dict[str, float]:
+    best = best_trial(study, protocol)
     if best is None:
         return {}
     values = {f"best/{k}": v for k, v in best.user_attrs.items() if isinstance(v, float)}
-    return {**values, f"best/{metric}": best.value, "best/trial_number": best.number}
+    return {**values, f"best/{protocol.metric}": best.value, "best/trial_number": best.number}
 
 
 def _counts(study: optuna.Study) -> dict[str, int]:

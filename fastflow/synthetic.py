@@ -3,6 +3,11 @@
 Normal images are a woven (basket-weave) fabric texture with random phase, orientation,
 thread pitch, brightness, tint, low-frequency shading and grain. Defects are local
 anomalies with an exact binary mask. Everything is deterministic in ``SyntheticSpec.seed``.
+
+The category's test defects are smaller and fainter than ``make_defect``'s defaults
+(``SyntheticSpec.defect_scale``, ``defect_contrast``): a model must see a thin, half-blended
+scratch on the weave, so the demo sweep ranks configurations instead of scoring all of them 1.0.
+``make_defect``'s defaults (clear defects) stay what the leak-free validation set paints.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ except ImportError:  # pragma: no cover - not POSIX
 SYNTHETIC_CATEGORY = "synthetic"
 DEFECT_TYPES = ("scratch", "spot", "hole")
 SPEC_FILE = "synthetic_spec.json"
-GENERATOR_VERSION = 1  # bump when the pictures change, so stored categories regenerate
+GENERATOR_VERSION = 2  # bump when the pictures change, so stored categories regenerate
 _LO, _HI = 40, 215  # normal pixels stay in [_LO, _HI]; defect pixels leave it -> always changed
 
 
@@ -40,6 +45,8 @@ class SyntheticSpec:
     n_validation: int = 10
     n_test_good: int = 12
     n_test_per_defect: int = 8
+    defect_scale: float = 0.5  # size of the test defects relative to make_defect's default
+    defect_contrast: float = 0.3  # blend weight of a painted test defect over the surface (1 = opaque)
 
 
 def sample_rng(seed: int, folder: str, index: int) -> np.random.Generator:
@@ -85,18 +92,19 @@ def _blob(rng: np.random.Generator, shape: tuple[int, int], radius: float) -> np
     return region
 
 
-def _scratch(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _scratch(img: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
     side = min(h, w)
     p0, p2 = rng.uniform(0.1, 0.9, 2) * (w, h), rng.uniform(0.1, 0.9, 2) * (w, h)
     while np.hypot(*(p2 - p0)) < 0.3 * side:  # long enough to be a scratch
         p2 = rng.uniform(0.1, 0.9, 2) * (w, h)
+    p2 = p0 + (p2 - p0) * scale  # a shorter scratch on the same chord: still inside the image
     normal = np.array([p0[1] - p2[1], p2[0] - p0[0]])  # perpendicular to the chord, same length
     p1 = (p0 + p2) / 2 + normal * rng.uniform(-0.4, 0.4)  # quadratic Bezier: gentle bow
     t = np.linspace(0, 1, 40)[:, None]
     pts = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t**2 * p2
     canvas = Image.new("L", (w, h), 0)
-    width = max(1, int(round(side / 64 * rng.uniform(1.0, 1.6))))
+    width = max(1, int(round(side / 64 * rng.uniform(1.0, 1.6) * scale)))
     ImageDraw.Draw(canvas).line([tuple(p) for p in pts], fill=255, width=width)
     mask = np.asarray(canvas) > 0
     bright = img[mask].mean() < 128  # contrast with the surface
@@ -106,9 +114,9 @@ def _scratch(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return out, mask
 
 
-def _spot(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _spot(img: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
-    mask = _blob(rng, (h, w), min(h, w) * rng.uniform(0.07, 0.12))
+    mask = _blob(rng, (h, w), min(h, w) * rng.uniform(0.07, 0.12) * scale)
     dark = img[mask].mean() >= 128
     colour = np.array([25, 90, 150]) if dark else np.array([230, 120, 60])  # blue-ish / rust
     colour = colour + rng.integers(-20, 21, 3)
@@ -119,9 +127,9 @@ def _spot(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
     return out, mask
 
 
-def _hole(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _hole(img: np.ndarray, rng: np.random.Generator, scale: float) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
-    inner = _blob(rng, (h, w), min(h, w) * rng.uniform(0.07, 0.13))
+    inner = _blob(rng, (h, w), min(h, w) * rng.uniform(0.07, 0.13) * scale)
     rim = ndimage.binary_dilation(inner, iterations=max(1, min(h, w) // 64)) & ~inner
     out = img.astype(np.int16)
     bright_inside = img[inner].mean() < 70  # on a dark surface the gap shows a bright backing
@@ -139,16 +147,29 @@ def _hole(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.nda
 _DEFECTS = {"scratch": _scratch, "spot": _spot, "hole": _hole}
 
 
-def make_defect(image: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _blend(image: np.ndarray, painted: np.ndarray, contrast: float) -> np.ndarray:
+    """`image` moved `contrast` of the way to `painted`; every pixel that `painted` changed moves by >= 1."""
+    delta = painted.astype(np.int16) - image.astype(np.int16)
+    step = np.rint(contrast * delta).astype(np.int16)
+    step = np.where((step == 0) & (delta != 0), np.sign(delta), step)
+    return (image.astype(np.int16) + step).astype(np.uint8)
+
+
+def make_defect(image: np.ndarray, kind: str, rng: np.random.Generator, scale: float = 1.0,
+                contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Paint a ``kind`` defect onto an HxWx3 uint8 image; return (new image, bool HxW mask).
 
+    ``scale`` shrinks the defect, ``contrast`` in (0, 1] blends it with the surface (1: opaque).
     The mask is the painted region; on images from ``make_texture`` every masked pixel differs.
     """
     if kind not in _DEFECTS:
         raise ValueError(f"unknown defect {kind!r}; expected one of {DEFECT_TYPES}")
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected HxWx3 uint8 image, got {image.shape} {image.dtype}")
-    return _DEFECTS[kind](image, rng)
+    if not (0 < scale <= 1 and 0 < contrast <= 1):
+        raise ValueError(f"expected 0 < scale <= 1 and 0 < contrast <= 1, got scale={scale}, contrast={contrast}")
+    painted, mask = _DEFECTS[kind](image, rng, scale)
+    return (painted, mask) if contrast == 1 else (_blend(image, painted, contrast), mask)
 
 
 def render(spec: SyntheticSpec, folder: str, index: int) -> tuple[np.ndarray, np.ndarray | None]:
@@ -156,7 +177,9 @@ def render(spec: SyntheticSpec, folder: str, index: int) -> tuple[np.ndarray, np
     rng = sample_rng(spec.seed, folder, index)
     image = make_texture(rng, spec.image_size)
     kind = folder.split("/")[1]
-    return (image, None) if kind == "good" else make_defect(image, kind, rng)
+    if kind == "good":
+        return image, None
+    return make_defect(image, kind, rng, spec.defect_scale, spec.defect_contrast)
 
 
 def folders(spec: SyntheticSpec) -> list[tuple[str, int]]:

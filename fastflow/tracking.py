@@ -7,9 +7,11 @@ Local store by default (`sqlite:///mlruns/mlflow.db`, artifacts under `mlruns/ar
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -24,7 +26,8 @@ os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from mlflow.entities import Metric, Param, RunStatus  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus  # noqa: E402
 from mlflow.models import ModelSignature  # noqa: E402
 from mlflow.types import Schema, TensorSpec  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -32,12 +35,16 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from .config import RunConfig, dump_yaml  # noqa: E402
 from .redact import redact  # noqa: E402
 from .signals import Interrupted  # noqa: E402
-from .visualize import curves_figure, heatmap_grid  # noqa: E402
+from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
 
 log = logging.getLogger(__name__)
 
 LOCAL_STORE = Path("mlruns")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
+BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain artifact
+MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32, (-1,)),
+                 ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -101,6 +108,7 @@ class MlflowTracker:
     def __init__(self, run_id: str):
         self.run_id = run_id
         self.client = MlflowClient()
+        self._grids: dict[int, bytes] = {}  # epoch -> PNG of its heatmap grid, for the best epoch at the end
 
     def log_params(self, params: dict) -> None:
         items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
@@ -119,20 +127,49 @@ class MlflowTracker:
         timestamp = int(1000 * time.time())
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in finite.items()])
 
-    def log_epoch_visuals(self, epoch: int, images, masks, maps) -> None:
+    def log_epoch_visuals(self, epoch: int, images, masks, maps, scores=None, labels=None) -> None:
+        """The labelled heatmap grid of `epoch` as image key `heatmaps`, step `epoch`."""
         if maps is None or len(maps) == 0:
             return
-        self.client.log_image(self.run_id, heatmap_grid(images, masks, maps), key="heatmaps", step=epoch)
+        scores = maps.flatten(1).amax(1).numpy() if scores is None else scores
+        labels = (masks.flatten(1).amax(1) > 0).numpy() if labels is None else labels
+        grid = labelled_heatmap_grid(images, masks, maps, scores, labels, f"test images, epoch {epoch}")
+        self.client.log_image(self.run_id, grid, key=HEATMAP_KEY, step=epoch)
+        buffer = io.BytesIO()
+        PILImage.fromarray(grid).save(buffer, format="PNG")
+        self._grids[epoch] = buffer.getvalue()
+
+    def log_dataset(self, name: str, digest: str, source: str, split_sizes: dict[str, int]) -> None:
+        """The run's data as an MLflow dataset input (the runs table's Dataset column, the Datasets page)."""
+        profile = json.dumps({"num_images": sum(split_sizes.values()), **{f"{k}_images": v for k, v in split_sizes.items()}})
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                          schema=json.dumps({"layout": "MVTec AD folders: train/good, validation/good, test/<defect>, "
+                                                       "ground_truth/<defect>"}), profile=profile)
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+
+    def _log_best_heatmaps(self, epoch: int) -> None:
+        """The best epoch's grid again at step 0 (where the UI's step slider opens) and as a plain PNG artifact."""
+        if epoch not in self._grids:
+            return
+        grid = np.asarray(PILImage.open(io.BytesIO(self._grids[epoch])).convert("RGB"))
+        self.client.log_image(self.run_id, grid, key=HEATMAP_KEY, step=0)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(BEST_HEATMAPS).name
+            path.write_bytes(self._grids[epoch])
+            self.client.log_artifact(self.run_id, str(path), str(Path(BEST_HEATMAPS).parent))
 
     def log_final(self, result, cfg: RunConfig) -> None:
         """Config, curves, best checkpoint and a loadable pyfunc model; best-epoch summary metrics."""
         summary = {f"best/{k.split('/')[-1]}": v for k, v in result.best_metrics.items() if k.startswith("eval/")}
-        summary.update({"best/epoch": result.best_epoch, "train/seconds_per_epoch": result.seconds_per_epoch,
-                        "inference/images_per_s": result.inference_images_per_s,
+        summary.update({"best/epoch": result.best_epoch, "inference/images_per_s": result.inference_images_per_s,
                         **{f"system/peak_{k}_mb": v for k, v in result.peak_memory_mb.items()}})
         self.log_metrics(summary, step=result.best_epoch)
+        if result.checkpoint:  # how the saved model decides, for the registry's version description
+            kind = result.checkpoint["threshold_kind"]
+            self.set_tags({"threshold_kind": kind, "threshold": f"{result.checkpoint['thresholds'][kind]:.6g}"})
         figure = curves_figure(result.history)
         self.client.log_figure(self.run_id, figure, "curves.png")
+        self._log_best_heatmaps(result.best_epoch)
         with tempfile.TemporaryDirectory() as folder:
             config_path = Path(folder) / "config.yaml"
             dump_yaml(cfg, config_path)
@@ -145,21 +182,37 @@ class MlflowTracker:
                 torch.save(result.checkpoint, checkpoint_path)
                 self.client.log_artifact(self.run_id, str(checkpoint_path), "checkpoint")
                 if cfg.tracking.log_model:
-                    log_pyfunc_model(self.run_id, checkpoint_path)
+                    log_pyfunc_model(self.run_id, checkpoint_path, cfg.data.category)
 
 
-def log_pyfunc_model(run_id: str, checkpoint_path: Path) -> None:
-    """Log the checkpoint as an MLflow pyfunc model named `model` in `run_id`."""
+def model_signature() -> ModelSignature:
+    """uint8 RGB images `(N,H,W,3)` in; the four arrays `FastFlowPyfunc.predict` returns out."""
+    outputs = Schema([TensorSpec(np.dtype(dtype), shape, name) for name, dtype, shape in MODEL_OUTPUTS])
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
+
+
+def logged_model_name(category: str, run_name: str) -> str:
+    """`<category>-<run name>` (e.g. `synthetic-trial-003`), in the characters MLflow allows in a model name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{category}-{run_name}").strip("-") or "model"
+
+
+def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
+    """Log the checkpoint as an MLflow pyfunc model named after the run, with the `fastflow` package's code
+    (`code_paths`), so it loads where the project is not installed; its URI goes into the tag `model_uri`."""
+    from . import __file__ as package_init
     from .mlflow_model import FastFlowPyfunc, pip_requirements
 
-    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]))
+    client = MlflowClient()
+    name = logged_model_name(category, client.get_run(run_id).info.run_name or run_id)
     logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the CloudPickle notice on every trial
     with warnings.catch_warnings(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example notices; the signature is set
-        info = mlflow.pyfunc.log_model(name="model", python_model=FastFlowPyfunc(),
+        info = mlflow.pyfunc.log_model(name=name, python_model=FastFlowPyfunc(),
                                        artifacts={"checkpoint": str(checkpoint_path)},
-                                       signature=signature, pip_requirements=pip_requirements())
-    MlflowClient().set_tag(run_id, "model_uri", info.model_uri)
+                                       code_paths=[str(Path(package_init).parent)],
+                                       signature=model_signature(), pip_requirements=pip_requirements())
+    client.set_tag(run_id, "model_uri", info.model_uri)
+    client.set_tag(run_id, "model_name", name)
 
 
 @contextlib.contextmanager
@@ -226,20 +279,51 @@ def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optio
     return run_id
 
 
-def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], status: str) -> None:
-    """Attach the study's figures and best metrics, then end the parent run."""
+STUDY_PAGE = "study.html"
+
+
+def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], status: str, page: str = "") -> None:
+    """Attach the study's figures, its HTML page (`study.html`) and best metrics, then end the parent run."""
     client = MlflowClient()
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"study/{name}")
+    if page:
+        client.log_text(run_id, page, STUDY_PAGE)
     if metrics:
         MlflowTracker(run_id).log_metrics(metrics, step=0)
     end_run(run_id, status)
 
 
+def child_run_summaries(parent_run_id: str) -> dict[str, dict]:
+    """run id -> {name, status, experiment_id, metrics (latest values), tags} of the parent's nested runs."""
+    client = MlflowClient()
+    parent = client.get_run(parent_run_id)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return {run.info.run_id: {"name": run.info.run_name, "status": run.info.status,
+                              "experiment_id": run.info.experiment_id, "metrics": dict(run.data.metrics),
+                              "tags": dict(run.data.tags)} for run in runs}
+
+
+def read_artifact(run_id: str, path: str) -> Optional[bytes]:
+    """The bytes of a run's artifact, or None when it does not exist."""
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            return Path(MlflowClient().download_artifacts(run_id, path, folder)).read_bytes()
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+
+
 def experiment_url(experiment: str, port: int) -> str:
-    """Direct link to the runs table (MLflow 3's UI otherwise opens a GenAI overview page)."""
+    """Direct link to the runs table in MLflow 3's machine-learning layout (it otherwise opens the GenAI one)."""
     experiment_id = ensure_experiment(experiment, tracking_uri())
-    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs"
+    return f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 # ---------------------------------------------------------------- reading runs back (report, paper)

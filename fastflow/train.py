@@ -42,7 +42,8 @@ class Tracker(Protocol):
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_epoch_visuals(self, epoch: int, images, masks, maps) -> None: ...
+    def log_epoch_visuals(self, epoch: int, images, masks, maps, scores=None, labels=None) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, split_sizes: dict[str, int]) -> None: ...
     def log_final(self, result: "TrainResult", cfg: RunConfig) -> None: ...
 
 
@@ -205,12 +206,15 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     flow_parameters = count_parameters(model.flows)
     log.info("flow parameters: %.2fM (+%.2fM LayerNorm)", flow_parameters / 1e6, count_parameters(model.norms) / 1e6)
     if tracker is not None:
+        data_hash = content_hash(splits.train + splits.validation + splits.test)
         tracker.log_params(flatten(cfg))
         tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
                           "data_root": str(Path(cfg.data.root).resolve()),
-                          "data_hash": content_hash(splits.train + splits.validation + splits.test),
+                          "data_hash": data_hash,
                           "selection_protocol": protocol_for_metric(cfg.eval.selection_metric).label,
                           "flow_parameters": str(flow_parameters)})
+        tracker.log_dataset(cfg.data.category, data_hash, str(Path(cfg.data.root).resolve()),
+                            {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
     encoded = encode_splits(model, cfg, splits, device)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps_per_epoch = math.ceil(math.ceil(len(splits.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
@@ -244,7 +248,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                                                     validation if encoded.validation is not None else None)
             if tracker is not None:
                 tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
-                                          encoded.test.masks[shown], evaluation.shown_maps)
+                                          encoded.test.masks[shown], evaluation.shown_maps,
+                                          evaluation.scores[shown], evaluation.labels[shown])
         result.history.append({"epoch": epoch, **metrics})
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch)

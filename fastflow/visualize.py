@@ -40,6 +40,40 @@ def heatmap_grid(images: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor) 
     return np.concatenate(rows, axis=0)
 
 
+def labelled_heatmap_grid(images: torch.Tensor, masks: torch.Tensor, maps: torch.Tensor, scores, labels,
+                          title: str = "", cell_inches: float = 2.2) -> np.ndarray:
+    """`heatmap_grid` with words: column titles, each row's ground truth and image score, a title line.
+
+    `scores (k,)` image scores, `labels (k,)` 1 defective / 0 good; `-> (H, W, 3)` uint8 (about 220 px per cell).
+    """
+    grid = heatmap_grid(images, masks, maps)
+    rows, size = len(images), grid.shape[0] // max(len(images), 1)
+    figure, axes = plt.subplots(rows, 3, figsize=(3 * cell_inches, rows * cell_inches + 0.5), squeeze=False)
+    for row in range(rows):
+        truth = "defective" if int(labels[row]) else "good"
+        for column, name in enumerate(("input", "ground-truth mask", "anomaly map (shared scale)")):
+            axis = axes[row, column]
+            axis.imshow(grid[row * size:(row + 1) * size, column * size:(column + 1) * size])
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(name, fontsize=10)
+        axes[row, 0].set_ylabel(f"{truth}\nscore {float(scores[row]):.3g}", fontsize=10,
+                                color="firebrick" if int(labels[row]) else "black")
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    return figure_to_array(figure)
+
+
+def figure_to_array(figure: plt.Figure) -> np.ndarray:
+    """Render and close a figure: `-> (H, W, 3)` uint8."""
+    figure.canvas.draw()
+    array = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return array
+
+
 def curves_figure(history: list[dict[str, float]]) -> plt.Figure:
     """Loss (left) and AUROC/AUPRO per epoch (right)."""
     figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(10, 4))

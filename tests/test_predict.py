@@ -6,6 +6,8 @@ import csv
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -162,3 +164,27 @@ def test_cli_predict_prints_summary(trained, mixed_folder, capsys) -> None:
                      "--out", str(out)]) == 2
     assert "fastflow-synthetic" in capsys.readouterr().err
     assert MlflowClient().get_registered_model("fastflow-synthetic").aliases["champion"] == trained.promotion.version
+
+
+STANDALONE = """
+import importlib.util, sys
+import numpy as np, mlflow
+assert importlib.util.find_spec("fastflow") is None, "fastflow is importable here: the test proves nothing"
+model = mlflow.pyfunc.load_model("models:/fastflow-synthetic@champion")
+output = model.predict(np.zeros((2, 40, 50, 3), np.uint8))
+print("outputs", sorted(output), output["anomaly_maps"].shape, "fastflow from", sys.modules["fastflow"].__file__)
+"""
+
+
+def test_registered_model_loads_where_the_project_is_not_installed(trained, tmp_path: Path) -> None:
+    """The pyfunc carries the package (`code_paths`): it loads in a Python that cannot import `fastflow` —
+    `-S` skips the venv's .pth files (the editable install), PYTHONPATH holds only site-packages, cwd elsewhere."""
+    site_packages = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(PYTHONPATH=os.pathsep.join(site_packages), PYTHONNOUSERSITE="1",
+               MLFLOW_TRACKING_URI=f"sqlite:///{trained.tmp / 'mlflow.db'}")
+    done = subprocess.run([sys.executable, "-S", "-c", STANDALONE], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "outputs ['anomaly_maps', 'is_anomalous', 'normalized_scores', 'scores'] (2, 64, 64)" in done.stdout
+    assert "/code/fastflow/__init__.py" in done.stdout  # the copy packed with the model

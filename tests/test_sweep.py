@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from optuna.trial import TrialState
 from fastflow.config import ConfigError
 from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.space import load_space
-from fastflow.sweep import SweepSettings, run_sweep, summary_table
+from fastflow.protocol import PAPER
+from fastflow.sweep import SweepSettings, run_sweep, summary_table, trial_rank
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,12 +117,37 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
             assert run.info.status == "FINISHED"
             assert [m.step for m in history] == [1, 2]
             assert run.data.params["model.flow_steps"] == str(trial.params["model.flow_steps"])
+            assert run.info.run_name == f"trial-{trial.number:03d}"
         else:
             assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
+            assert run.info.run_name == f"trial-{trial.number:03d}-pruned"  # visible in the runs table
+    assert study.metric_names == ["image_auroc (test set (paper protocol))"]  # optuna-dashboard's objective name
+
+    # the study page on the parent run: every trial, best first by the protocol's rule, linked to its run
+    page = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/study.html")
+    rows = page.split("<table>")[1].split("</table>")[0]
+    order = [int(n) for n in re.findall(r"<td class=\"l\">#(\d+)", rows)]
+    assert order[0] == result.best_trial.number and sorted(order) == [t.number for t in study.trials]
+    complete = [t.number for t in sorted(study.trials, key=lambda t: tuple(-v for v in trial_rank(t, PAPER)))
+                if t.state == TrialState.COMPLETE]
+    assert order[:len(complete)] == complete
+    for run in children:
+        assert f'data-run="{run.info.run_id}"' in rows and run.info.run_name in rows
+    assert rows.count(">pruned") == sum(t.state == TrialState.PRUNED for t in study.trials)
+    assert "leak-free" in rows and "test set (paper protocol)" in rows and "model.flow_steps" in rows
+    assert page.count("data:image/png;base64,") >= 2  # the champion's heatmaps and the study figures, inlined
 
     champion = client.get_model_version_by_alias(model_name("synthetic"), CHAMPION)
     best = result.best_trial
     assert champion.run_id == best.user_attrs["mlflow_run_id"]
+    # descriptions on the registered model and the version: data, protocol, threshold and its source, metrics
+    best_run = client.get_run(champion.run_id)
+    assert "models:/fastflow-synthetic@champion" in client.get_registered_model(model_name("synthetic")).description
+    description = champion.description
+    for expected in (best_run.data.tags["data_hash"], "test set (paper protocol)", "F1-max threshold on the test set",
+                     best_run.data.tags["threshold"], f"{best_run.data.metrics['best/image_auroc']:.4f}",
+                     f"trial {best.number}"):
+        assert expected in description, expected
     loaded = mlflow.pyfunc.load_model(f"models:/{model_name('synthetic')}@{CHAMPION}")
     import numpy as np
     output = loaded.predict(np.zeros((1, 50, 70, 3), np.uint8))

@@ -183,16 +183,39 @@ def test_make_defect_rejects_bad_input() -> None:
         make_defect(np.zeros((8, 8), np.uint8), "spot", rng)
 
 
-def test_defects_detectable_by_trivial_statistic(default_category: Path) -> None:
-    train = np.stack([_load(p) for p in sorted((default_category / "train/good").glob("*.png"))]).astype(float)
+def _trivial_auroc(category: Path) -> float:
+    """Image AUROC of a statistic with no learning: blurred max |image - mean training image|."""
+    train = np.stack([_load(p) for p in sorted((category / "train/good").glob("*.png"))]).astype(float)
     mean = train.mean(axis=0)
 
     def score(path: Path) -> float:
         diff = np.abs(_load(path).astype(float) - mean).mean(axis=-1)
         return float(ndimage.gaussian_filter(diff, 2.0).max())
 
-    good = [score(p) for p in sorted((default_category / "test/good").glob("*.png"))]
-    bad = [score(p) for k in DEFECT_TYPES for p in sorted((default_category / "test" / k).glob("*.png"))]
-    auroc = roc_auc_score([0] * len(good) + [1] * len(bad), good + bad)
-    print(f"trivial-statistic AUROC = {auroc:.3f}")
-    assert auroc > 0.8
+    good = [score(p) for p in sorted((category / "test/good").glob("*.png"))]
+    bad = [score(p) for k in DEFECT_TYPES for p in sorted((category / "test" / k).glob("*.png"))]
+    return float(roc_auc_score([0] * len(good) + [1] * len(bad), good + bad))
+
+
+def test_test_defects_are_subtle_but_clear_defects_are_detectable(default_category: Path, tmp_path: Path) -> None:
+    """The demo needs a category that ranks configurations: its test defects must not be found by a trivial
+    statistic, while make_defect's defaults (what the leak-free validation set paints) still are."""
+    clear = generate_category(tmp_path, SyntheticSpec(defect_scale=1.0, defect_contrast=1.0))
+    subtle, obvious = _trivial_auroc(default_category), _trivial_auroc(clear)
+    print(f"trivial-statistic AUROC: subtle test defects {subtle:.3f}, clear defects {obvious:.3f}")
+    assert obvious > 0.8
+    assert subtle < 0.75
+
+
+@pytest.mark.parametrize("kind", DEFECT_TYPES)
+def test_smaller_fainter_defects(kind: str) -> None:
+    image = make_texture(np.random.default_rng(5), 128)
+    full, full_mask = make_defect(image, kind, np.random.default_rng(9))
+    faint, faint_mask = make_defect(image, kind, np.random.default_rng(9), scale=0.5, contrast=0.3)
+    assert 0 < faint_mask.sum() < full_mask.sum()
+    changed = (faint != image).any(axis=-1)
+    np.testing.assert_array_equal(changed, faint_mask)  # still exactly the masked pixels, each moved by >= 1
+    step = np.abs(faint.astype(int) - image.astype(int)).max(axis=-1)[faint_mask].mean()
+    assert step < np.abs(full.astype(int) - image.astype(int)).max(axis=-1)[full_mask].mean()
+    with pytest.raises(ValueError, match="contrast"):
+        make_defect(image, kind, np.random.default_rng(9), contrast=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -95,19 +96,38 @@ def test_run_params_tags_and_learning(tracked_run) -> None:
     assert losses[-1] < losses[0]  # the flow learns on real pixels
 
 
-def test_run_artifacts(tracked_run, tmp_path: Path) -> None:
+def test_run_artifacts(tracked_run, tmp_path: Path, synthetic_root: Path) -> None:
     cfg, result, run_id = tracked_run
     client = _client(cfg)
     paths = _artifact_paths(client, run_id)
     for expected in ("curves.png", "config.yaml", "history.json", "checkpoint/checkpoint.pt"):
         assert expected in paths, paths
-    # one heatmap grid per evaluation (MLflow's log_image(key, step) stores under images/)
-    heatmaps = [p for p in paths if p.startswith("images/heatmaps") and p.endswith(".png")]
-    steps = sorted(int(re.search(r"step\+(\d+)", p).group(1)) for p in heatmaps)
-    assert steps == [1, 2, 3], heatmaps
-    local = Path(client.download_artifacts(run_id, heatmaps[0], str(tmp_path)))
-    grid = np.asarray(Image.open(local))
-    assert grid.shape[:2] == (2 * 64, 3 * 64)  # 2 images x (input | mask | overlay)
+    # one labelled heatmap grid per evaluation at step = epoch (MLflow's log_image(key, step) stores under
+    # images/), and the best epoch's grid again at step 0, where the UI's step slider opens, and as a plain PNG
+    heatmaps = {int(re.search(r"step\+(\d+)", p).group(1)): p
+                for p in paths if p.startswith("images/heatmaps") and p.endswith(".png")}
+    assert sorted(heatmaps) == [0, 1, 2, 3], heatmaps
+    grids = {step: np.asarray(Image.open(client.download_artifacts(run_id, path, str(tmp_path / str(step)))))
+             for step, path in heatmaps.items()}
+    assert grids[0].shape[0] > 2 * 150 and grids[0].shape[1] > 3 * 150  # 2 rows x 3 columns, readable cells
+    np.testing.assert_array_equal(grids[0], grids[result.best_epoch])
+    best_png = np.asarray(Image.open(client.download_artifacts(run_id, "heatmaps/best_epoch.png", str(tmp_path))))
+    np.testing.assert_array_equal(best_png[..., :3], grids[result.best_epoch][..., :3])
+    # the run's data as an MLflow dataset input: name = category, digest = content hash, split sizes in the profile
+    run = client.get_run(run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    dataset = dataset_input.dataset
+    assert dataset.name == "synthetic" and dataset.digest == run.data.tags["data_hash"]
+    assert str(synthetic_root.resolve()) in dataset.source
+    splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
+    profile = json.loads(dataset.profile)
+    assert (profile["train_images"], profile["validation_images"], profile["test_images"]) == (
+        len(splits.train), len(splits.validation), len(splits.test))
+    # one timing metric per epoch, no run-level duplicate of it
+    assert "train/epoch_seconds" in run.data.metrics and "train/seconds_per_epoch" not in run.data.metrics
+    # how the saved model decides, for the registry
+    assert run.data.tags["threshold_kind"] == "f1"
+    assert float(run.data.tags["threshold"]) == pytest.approx(result.checkpoint["thresholds"]["f1"], rel=1e-5)
     # the logged config reloads to the run's config
     config_path = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
     assert load_config(config_path) == cfg
@@ -124,8 +144,15 @@ def test_logged_model_predicts(tracked_run, synthetic_root: Path) -> None:
     model_uri = _client(cfg).get_run(run_id).data.tags["model_uri"]
     mlflow.set_tracking_uri(cfg.tracking.uri)
     model = mlflow.pyfunc.load_model(model_uri)
+    # named after its run; the signature lists the four outputs with the dtypes predict returns
+    run = _client(cfg).get_run(run_id)
+    assert mlflow.get_logged_model(model_uri.split("/")[-1]).name == f"synthetic-{run.info.run_name}"
     rng = np.random.default_rng(0)
     output = model.predict(rng.integers(0, 256, (2, 80, 100, 3), dtype=np.uint8))
+    outputs = {spec.name: spec for spec in model.metadata.get_output_schema().inputs}
+    assert sorted(outputs) == sorted(output)
+    for name, array in output.items():
+        assert outputs[name].type == array.dtype and len(outputs[name].shape) == array.ndim, name
     assert output["scores"].shape == (2,)
     assert output["anomaly_maps"].shape == (2, 64, 64)
     assert output["is_anomalous"].shape == (2,) and output["normalized_scores"].shape == (2,)

@@ -1,0 +1,66 @@
+"""Descriptions of registered models and their versions, built from a run's tags and metrics (no I/O).
+
+The registry shows them on the model and version pages, so a version says what it was trained on, how it
+was chosen (protocol), how it decides (threshold and where that threshold comes from) and what it scored.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+from .protocol import LEAK_FREE, PAPER, protocol_for_metric
+
+THRESHOLD_SOURCES = {
+    "f1": "F1-max threshold on the test set (uses test labels: paper protocol)",
+    "val_quantile": "quantile of the held-out normal images' scores (leak-free)",
+}
+KEY_METRICS = (*PAPER.ranking, *LEAK_FREE.ranking, "epoch")
+
+
+def registered_model_description(category: str) -> str:
+    return (f"FastFlow anomaly detector for the category '{category}'. Input: uint8 RGB images (N,H,W,3) of any size. "
+            "Outputs: scores (N,) raw image scores, normalized_scores (N,) in [0,1] with the threshold at 0.5, "
+            "is_anomalous (N,) bool, anomaly_maps (N,S,S) at the model's input size. "
+            "The alias @champion is the best version by the protocol named on each version. "
+            f"Load with mlflow.pyfunc.load_model('models:/fastflow-{category}@champion').")
+
+
+def _number(value) -> str:
+    try:
+        return f"{float(value):.4f}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping[str, float], metric: str) -> str:
+    """Markdown for one model version: data, protocol, threshold and the best-epoch metrics of its run.
+
+    `metric` is the objective the version was ranked by (e.g. `image_auroc`); `metrics` the run's `best/*`.
+    """
+    protocol = protocol_for_metric(metric)
+    kind = tags.get("threshold_kind", "")
+    lines = [
+        f"**{tags.get('category', '?')}** model from run `{run_name}`"
+        + (f" (study `{tags['study']}`, trial {tags['trial_number']})" if "trial_number" in tags else ""),
+        "",
+        f"- data: category `{tags.get('category', '?')}`, content hash `{tags.get('data_hash', '?')}`, "
+        f"root `{tags.get('data_root', '?')}`",
+        f"- backbone: `{tags.get('backbone', '?')}`",
+        f"- ranked by: {protocol.label}: " + " > ".join(f"`{name}`" for name in protocol.ranking)
+        + " (later ones break ties)",
+        f"- best epoch chosen by: {tags.get('selection_protocol', '?')}",
+        f"- threshold: {tags['threshold']} ({kind}: {THRESHOLD_SOURCES.get(kind, 'unknown source')})"
+        if "threshold" in tags else "- threshold: not recorded",
+        "",
+        "| metric (best epoch) | value | protocol |",
+        "|---|---|---|",
+    ]
+    for name in KEY_METRICS:
+        value = metrics.get(f"best/{name}")
+        if value is not None:
+            where = "leak-free" if name.startswith("val_") else "-" if name == "epoch" else "test set"
+            lines.append(f"| {name} | {_number(value) if name != 'epoch' else int(value)} | {where} |")
+    return "\n".join(lines)
+
+
+__all__ = ["registered_model_description", "version_description", "THRESHOLD_SOURCES"]
