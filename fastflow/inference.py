@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anomaly_map import anomaly_map, image_score
 from .config import RunConfig, config_from_dict
 from .data import image_tensor
 from .model import FastFlow
+from .scoring import NormalStats, needs_stats, score
 
 
 @dataclass
@@ -43,6 +43,11 @@ class Predictor(torch.nn.Module):
         self.threshold = float(checkpoint["thresholds"][self.threshold_kind])
         self.thresholds = checkpoint["thresholds"]
         self.score_range = checkpoint["score_range"]
+        stats = checkpoint.get("normal_stats")
+        self.stats = NormalStats.from_dict(stats).to(self.device) if stats is not None else None
+        if self.stats is None and needs_stats(model_cfg.map_norm, model_cfg.image_score):
+            raise ValueError(f"checkpoint has no held-out normal statistics, but its config uses model.map_norm="
+                             f"{model_cfg.map_norm}, model.image_score={model_cfg.image_score}")
 
     @classmethod
     def from_file(cls, path: Path, device: str = "cpu") -> "Predictor":
@@ -54,8 +59,8 @@ class Predictor(torch.nn.Module):
         """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""
         latents, log_jacs = self.model(images)
         size = (images.shape[-2], images.shape[-1])
-        maps = anomaly_map(self.cfg.model.anomaly_map, latents, log_jacs, size)
-        return maps, image_score(maps, self.cfg.model.image_score, self.cfg.model.topk_fraction)
+        m = self.cfg.model
+        return score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, self.stats)
 
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         """Min-max normalization centred on the threshold (anomalib's convention): threshold -> 0.5."""
