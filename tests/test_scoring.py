@@ -127,6 +127,35 @@ def test_ema_decay_halves_after_its_half_life_and_averages() -> None:
     assert float(ema.module.weight.detach()) == pytest.approx(0.5)
 
 
+class _IdentityFlow(torch.nn.Module):
+    """Features are their own latents, with zero log-Jacobian: the statistics are then known in closed form."""
+
+    def forward_features(self, features):
+        return features, [torch.zeros(f.shape[0], *f.shape[2:]) for f in features]
+
+
+def test_held_out_stats_use_only_the_normal_rows() -> None:
+    from fastflow.config import RunConfig
+    from fastflow.evaluate import held_out_stats
+    from fastflow.features import EncodedSplit
+
+    features = torch.ones(5, 2, 4, 4)
+    features[3:] = 50.0  # the defective rows (label 1) are far off; they must not move the statistics
+    split = EncodedSplit([features], torch.zeros(5, 1, 16, 16, dtype=torch.bool), torch.tensor([0, 0, 0, 1, 1]))
+    cfg = RunConfig()
+    for kind in ("z2", "nll"):
+        stats = held_out_stats(_IdentityFlow(), split, replace_model(cfg, anomaly_map=kind, topk_fraction=0.01),
+                               torch.device("cpu"))
+        expected = scale_maps(kind, [features[:3]], [torch.zeros(3, 4, 4)])[0].mean()
+        assert float(stats.scale_mean[0]) == pytest.approx(float(expected))
+        assert float(stats.nll_mean[0]) == pytest.approx(0.5)  # 0.5 * z^2 per dimension, z = 1
+
+
+def replace_model(cfg, **values):
+    from fastflow.config import with_overrides
+    return with_overrides(cfg, {"model": values})
+
+
 # ---------------------------------------------------------------- tiny real runs
 
 
@@ -189,3 +218,20 @@ def test_options_that_need_held_out_normals_say_so(make_config, tiny_mvtec: Path
     state["config"]["model"]["map_norm"] = "position"
     with pytest.raises(ValueError, match="no held-out normal statistics"):
         Predictor(state)
+
+
+def test_offline_space_combinations_are_valid_configs() -> None:
+    """Every combination of the offline space's categorical choices (the new options included) is a valid run."""
+    import itertools
+
+    from fastflow.space import load_space
+
+    repo = Path(__file__).resolve().parents[1]
+    space = load_space(repo / "sweeps" / "offline.yaml")
+    assert {"model.image_score", "model.map_norm", "eval.weights"} <= set(space.params)
+    names = [n for n, d in space.params.items() if d.kind == "categorical"]
+    fixed = {n: d.low for n, d in space.params.items() if d.kind != "categorical"}
+    fixed = {n: int(v) if space.params[n].kind == "int" else v for n, v in fixed.items()}
+    for values in itertools.product(*(space.params[n].choices for n in names)):
+        cfg = space.trial_config({**fixed, **dict(zip(names, values))}, "tire", "data")
+        assert cfg.eval.weights == "raw" or cfg.train.ema_halflife > 0
