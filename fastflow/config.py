@@ -45,6 +45,7 @@ class ModelConfig:
     image_score: Literal["max", "topk", "mean", "nll", "nll_z"] = "max"  # see fastflow/scoring.py
     topk_fraction: float = 0.01
     map_norm: Literal["none", "scale", "position"] = "none"  # standardise per-scale maps by held-out normals
+    score_norm: Literal["map", "none", "scale", "position"] = "map"  # the map the image score reads; map: map_norm's
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def predict_maps(model, split: EncodedSplit, cfg: RunConfig, device: torch.devic
         latents, log_jacs = model.forward_features(split.batch(indices, device))
         loss_sum += nll_loss(latents, log_jacs).item() * len(indices)
         batch_maps, batch_scores = score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score,
-                                         m.topk_fraction, stats)
+                                         m.topk_fraction, stats, m.score_norm)
         maps.append(batch_maps.cpu())
         scores.append(batch_scores.cpu())
     return torch.cat(maps), torch.cat(scores), loss_sum / len(split)
@@ -106,7 +106,7 @@ def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torc
     start = time.perf_counter()
     latents, log_jacs = model(images)
     m = cfg.model
-    score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, stats)
+    score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, stats, m.score_norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - start)

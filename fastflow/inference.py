@@ -45,9 +45,10 @@ class Predictor(torch.nn.Module):
         self.score_range = checkpoint["score_range"]
         stats = checkpoint.get("normal_stats")
         self.stats = NormalStats.from_dict(stats).to(self.device) if stats is not None else None
-        if self.stats is None and needs_stats(model_cfg.map_norm, model_cfg.image_score):
+        if self.stats is None and needs_stats(model_cfg.map_norm, model_cfg.image_score, model_cfg.score_norm):
             raise ValueError(f"checkpoint has no held-out normal statistics, but its config uses model.map_norm="
-                             f"{model_cfg.map_norm}, model.image_score={model_cfg.image_score}")
+                             f"{model_cfg.map_norm}, model.score_norm={model_cfg.score_norm}, "
+                             f"model.image_score={model_cfg.image_score}")
 
     @classmethod
     def from_file(cls, path: Path, device: str = "cpu") -> "Predictor":
@@ -60,7 +61,8 @@ class Predictor(torch.nn.Module):
         latents, log_jacs = self.model(images)
         size = (images.shape[-2], images.shape[-1])
         m = self.cfg.model
-        return score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, self.stats)
+        return score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, self.stats,
+                     m.score_norm)
 
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         """Min-max normalization centred on the threshold (anomalib's convention): threshold -> 0.5."""

@@ -2,7 +2,8 @@
 
 Tensors in, tensors out (no I/O). `score(...)` is the one entry that evaluation, `predict` and export share:
 
-- `map_norm`: `none` averages the raw per-scale maps; `scale` first standardises each scale's map with the
+- `map_norm` (the output map) and `score_norm` (the map the image score reads; `map`: the output map):
+  `none` averages the raw per-scale maps; `scale` first standardises each scale's map with the
   mean/std of that scale over held-out normal images; `position` with the mean/std of each position (the std
   shrunk half-way to the scale's, as ~30 images give a noisy per-position std). Border positions, where zero
   padding acts, otherwise score high on normal images.
@@ -114,16 +115,22 @@ def image_score(maps: torch.Tensor, nll: torch.Tensor, mode: str, topk_fraction:
 
 def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
           map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
-          stats: NormalStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, image scores `(B,)`)."""
-    fused = fuse(standardise(scale_maps(kind, latents, log_jacs), map_norm, stats), size)
+          stats: NormalStats | None = None, score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, image scores `(B,)`).
+
+    The map is standardised by `map_norm`; the image score reads the map standardised by `score_norm`
+    (`map`: the output map itself), so e.g. the score can discount the border while the map stays raw.
+    """
+    per_scale = scale_maps(kind, latents, log_jacs)
+    fused = fuse(standardise(per_scale, map_norm, stats), size)
+    scored = fused if score_norm in ("map", map_norm) else fuse(standardise(per_scale, score_norm, stats), size)
     nll = image_nll(latents, log_jacs) if image_mode in NLL_SCORES else fused.new_zeros(fused.shape[0], 0)
-    return fused, image_score(fused, nll, image_mode, topk_fraction, stats)
+    return fused, image_score(scored, nll, image_mode, topk_fraction, stats)
 
 
-def needs_stats(map_norm: str, image_mode: str) -> bool:
+def needs_stats(map_norm: str, image_mode: str, score_norm: str = "map") -> bool:
     """Whether these settings need statistics of held-out normal images."""
-    return map_norm != "none" or image_mode == "nll_z"
+    return map_norm != "none" or score_norm not in ("map", "none") or image_mode == "nll_z"
 
 
 __all__ = ["MAP_NORMS", "IMAGE_SCORES", "NLL_SCORES", "NormalStats", "normal_stats", "image_nll", "standardise",

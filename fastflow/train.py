@@ -201,9 +201,10 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     if cfg.eval.selection_metric == "val_image_auroc" and not splits.validation:
         raise ValueError("eval.selection_metric=val_image_auroc needs held-out normals: a validation/good folder "
                          "or data.val_fraction > 0")
-    if needs_stats(cfg.model.map_norm, cfg.model.image_score) and not splits.validation:
-        raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.image_score={cfg.model.image_score} need "
-                         "statistics of held-out normals: a validation/good folder or data.val_fraction > 0")
+    if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:
+        raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.score_norm={cfg.model.score_norm} / "
+                         f"model.image_score={cfg.model.image_score} need statistics of held-out normals: "
+                         "a validation/good folder or data.val_fraction > 0")
     reset_peak_memory(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -275,7 +276,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
 
 def normal_statistics(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: torch.device) -> Optional[NormalStats]:
     """Held-out normal statistics for map normalisation / `nll_z`, when the config uses them (else None)."""
-    if not needs_stats(cfg.model.map_norm, cfg.model.image_score):
+    if not needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm):
         return None
     return held_out_stats(model, encoded.validation, cfg, device)
 

@@ -77,6 +77,21 @@ def test_position_normalisation_discounts_the_border() -> None:
         standardise([both], "scale", None)
 
 
+def test_score_norm_standardises_the_score_but_not_the_map() -> None:
+    maps, nll = _normals()
+    # one scale, z2 kind: latents chosen so that the per-scale z2 map reproduces `both` from the border test
+    normal_image = maps[0][:1].clamp(max=135)
+    defect = torch.full((1, 1, 4, 4), 100.0)
+    defect[:, :, 2, 2] = 125.0
+    target = torch.cat([normal_image, defect]) / 200  # into (0, 1), the z2 map's range
+    latents = [torch.sqrt(-2 * torch.log(1 - target))]  # 1 - exp(-0.5 z^2) = target
+    single = normal_stats([m[:, :, :4, :4] / 200 for m in maps[:1]], nll[:, :1])
+    raw_map, raw_score = score(latents, [], (4, 4), "z2", "none", "max", stats=single)
+    fused, scores = score(latents, [], (4, 4), "z2", "none", "max", stats=single, score_norm="position")
+    assert torch.allclose(fused, raw_map) and torch.allclose(raw_map, target, atol=1e-5)  # the map stays raw
+    assert raw_score.argmax() == 0 and scores.argmax() == 1  # the score discounts the normal border
+
+
 def test_image_nll_and_its_scale_balanced_z_score() -> None:
     maps, nll = _normals()
     stats = normal_stats(maps, nll)
@@ -169,6 +184,7 @@ REAL = ("train.epochs=2", "train.batch_size=8", "model.flow_steps=2", "tracking.
     ("model.image_score=nll_z",),
     ("model.map_norm=scale", "model.image_score=topk"),
     ("model.map_norm=position",),
+    ("model.score_norm=position", "model.anomaly_map=nll"),
     ("train.ema_halflife=1", "eval.weights=ema", "model.map_norm=scale"),
 ])
 def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_root: Path, options) -> None:
