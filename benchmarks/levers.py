@@ -147,11 +147,26 @@ def run(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ summary
 
 
+def score_norm_rows(rows: list[dict]) -> list[dict]:
+    """`model.score_norm=position` with `map_norm=none` (norm `none/pos`): the image score of the position-standardised
+    map, the pixel metrics of the raw map; both were measured on the same outputs."""
+    raw = {(r["seed"], r["epoch"], r["weights"], r["map"], r["score"]): r for r in rows if r["norm"] == "none"}
+    derived = []
+    for r in rows:
+        if r["norm"] == "position" and r["score"] in MAP_SCORES:
+            plain = raw[(r["seed"], r["epoch"], r["weights"], r["map"], r["score"])]
+            derived.append({**plain, "norm": "none/pos", "image_auroc": r["image_auroc"],
+                            "val_image_auroc": r["val_image_auroc"],
+                            "border_max_fraction": r["border_max_fraction"]})
+    return derived
+
+
 def summarise(path: Path, last_epoch: int | None = None) -> str:
     """Per variant, mean ± sd over seeds under three epoch-selection rules, and the largest drop from the peak."""
     rows = [json.loads(line) for line in open(path)]
     if last_epoch:
         rows = [r for r in rows if r["epoch"] <= last_epoch]
+    rows += score_norm_rows(rows)
     by = defaultdict(lambda: defaultdict(dict))  # variant -> seed -> epoch -> row
     for r in rows:
         by[(r["weights"], r["map"], r["norm"], r["score"])][r["seed"]][r["epoch"]] = r

@@ -66,18 +66,19 @@ def normal_stats(maps: list[torch.Tensor], nll: torch.Tensor, eps: float = 1e-6)
     """Statistics of held-out normals from their per-scale maps `[(N,1,h,w)]` and image NLLs `(N, n_scales)`.
 
     The per-position std is shrunk half-way (in variance) to the scale's, as a few dozen images make it noisy.
+    Variances are population variances, so that a single held-out image still gives finite statistics.
     """
-    if nll.shape[0] < 2:
-        raise ValueError(f"normal statistics need at least 2 held-out normal images, got {nll.shape[0]}")
+    if nll.shape[0] < 1:
+        raise ValueError("normal statistics need at least 1 held-out normal image, got none")
     maps = [m.float() for m in maps]
     scale_mean = [m.mean() for m in maps]
-    scale_var = [m.var() for m in maps]
-    position_var = [m.var(dim=0, keepdim=True) for m in maps]
+    scale_var = [m.var(correction=0) for m in maps]
+    position_var = [m.var(dim=0, keepdim=True, correction=0) for m in maps]
     return NormalStats(
         position_mean=[m.mean(dim=0, keepdim=True) for m in maps],
         position_std=[torch.sqrt(0.5 * (pv + sv) + eps) for pv, sv in zip(position_var, scale_var)],
         scale_mean=scale_mean, scale_std=[torch.sqrt(v + eps) for v in scale_var],
-        nll_mean=nll.float().mean(dim=0), nll_std=nll.float().std(dim=0) + eps)
+        nll_mean=nll.float().mean(dim=0), nll_std=nll.float().std(dim=0, correction=0) + eps)
 
 
 def standardise(maps: list[torch.Tensor], mode: str, stats: NormalStats | None) -> list[torch.Tensor]:
