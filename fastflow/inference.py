@@ -12,13 +12,13 @@ from PIL import Image
 from .config import RunConfig, config_from_dict
 from .data import image_tensor
 from .model import FastFlow
-from .scoring import NormalStats, needs_stats, score
+from .scoring import NormalStats, needs_stats, score_with_map
 
 
 @dataclass
 class Predictions:
     scores: np.ndarray  # (N,) raw image scores
-    maps: np.ndarray  # (N,S,S) anomaly maps at the model's input size
+    maps: np.ndarray  # (N,S,S) the map the image score reads (the anomaly map unless model.score_norm differs)
     normalized: np.ndarray  # (N,) in [0,1], the threshold maps to 0.5
     is_anomalous: np.ndarray  # (N,) bool
 
@@ -56,13 +56,18 @@ class Predictor(torch.nn.Module):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return cls(torch.load(path, map_location="cpu", weights_only=False), device)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B,3,S,S)` RGB in [0,1] -> (anomaly maps, the maps the score reads, both `(B,1,S,S)`, scores `(B,)`)."""
         latents, log_jacs = self.model(images)
         size = (images.shape[-2], images.shape[-1])
         m = self.cfg.model
-        return score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, self.stats,
-                     m.score_norm)
+        return score_with_map(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction,
+                              self.stats, m.score_norm)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""
+        maps, _, scores = self.outputs(images)
+        return maps, scores
 
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         """Min-max normalization centred on the threshold (anomalib's convention): threshold -> 0.5."""
@@ -71,7 +76,7 @@ class Predictor(torch.nn.Module):
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> Predictions:
-        maps, scores = self(images.to(self.device))
+        _, maps, scores = self.outputs(images.to(self.device))  # masks compare the scored map with the threshold
         scores_np = scores.cpu().numpy()
         return Predictions(scores_np, maps[:, 0].cpu().numpy(), self.normalize(scores_np), scores_np >= self.threshold)  # as F1-max counts score >= threshold
 

@@ -114,10 +114,11 @@ def image_score(maps: torch.Tensor, nll: torch.Tensor, mode: str, topk_fraction:
     return map_image_score(maps, mode, topk_fraction)
 
 
-def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
-          map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
-          stats: NormalStats | None = None, score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor]:
-    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, image scores `(B,)`).
+def score_with_map(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
+                   map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
+                   stats: NormalStats | None = None,
+                   score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, the map the image score reads `(B,1,H,W)`, scores `(B,)`).
 
     The map is standardised by `map_norm`; the image score reads the map standardised by `score_norm`
     (`map`: the output map itself), so e.g. the score can discount the border while the map stays raw.
@@ -126,7 +127,16 @@ def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple
     fused = fuse(standardise(per_scale, map_norm, stats), size)
     scored = fused if score_norm in ("map", map_norm) else fuse(standardise(per_scale, score_norm, stats), size)
     nll = image_nll(latents, log_jacs) if image_mode in NLL_SCORES else fused.new_zeros(fused.shape[0], 0)
-    return fused, image_score(scored, nll, image_mode, topk_fraction, stats)
+    return fused, scored, image_score(scored, nll, image_mode, topk_fraction, stats)
+
+
+def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
+          map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
+          stats: NormalStats | None = None, score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, image scores `(B,)`); see `score_with_map`."""
+    fused, _, scores = score_with_map(latents, log_jacs, size, kind, map_norm, image_mode, topk_fraction, stats,
+                                      score_norm)
+    return fused, scores
 
 
 def needs_stats(map_norm: str, image_mode: str, score_norm: str = "map") -> bool:
@@ -135,4 +145,4 @@ def needs_stats(map_norm: str, image_mode: str, score_norm: str = "map") -> bool
 
 
 __all__ = ["MAP_NORMS", "IMAGE_SCORES", "NLL_SCORES", "NormalStats", "normal_stats", "image_nll", "standardise",
-           "nll_image_score", "image_score", "score", "needs_stats"]
+           "nll_image_score", "image_score", "score", "score_with_map", "needs_stats"]

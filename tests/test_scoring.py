@@ -196,7 +196,7 @@ def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_r
         for key in ("eval/image_auroc", "eval/pixel_auroc", "eval/aupro", "eval/val_image_auroc"):
             assert 0.0 <= row[key] <= 1.0, key
     stored = result.checkpoint["normal_stats"]
-    uses_stats = cfg.model.map_norm != "none" or cfg.model.image_score == "nll_z"
+    uses_stats = cfg.model.map_norm != "none" or cfg.model.score_norm == "position" or cfg.model.image_score == "nll_z"
     assert (stored is not None) == uses_stats
     if cfg.train.ema_halflife > 0:  # the unselected (raw) weights are logged alongside
         assert all(0.0 <= row["eval/raw_image_auroc"] <= 1.0 for row in result.history)
@@ -204,8 +204,12 @@ def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_r
     from fastflow.data import ImageDataset, make_splits
     test = make_splits(cfg.data).test
     images = torch.stack([ImageDataset(test, cfg.model.input_size)[i][0] for i in range(len(test))])
-    scores = Predictor(result.checkpoint).predict_tensor(images).scores
+    predictor = Predictor(result.checkpoint)
+    predictions = predictor.predict_tensor(images)
+    scores = predictions.scores
     assert [scores.min(), scores.max()] == pytest.approx(result.checkpoint["score_range"], rel=1e-4, abs=1e-4)
+    if cfg.model.image_score == "max":  # predict's masks read the map the score reads: flagged iff a pixel is
+        assert np.array_equal(predictions.is_anomalous, predictions.maps.max(axis=(1, 2)) >= predictor.threshold)
 
 
 def test_ema_alongside_raw_and_onnx_with_normal_stats(make_config, tmp_path: Path) -> None:
