@@ -45,8 +45,10 @@ class ModelConfig:
     hidden_ratio: float = 1.0
     clamp: float = 2.0
     anomaly_map: Literal["z2", "nll"] = "z2"
-    image_score: Literal["max", "topk"] = "max"
+    image_score: Literal["max", "topk", "mean", "nll", "nll_z"] = "max"  # see fastflow/scoring.py
     topk_fraction: float = 0.01
+    map_norm: Literal["none", "scale", "position"] = "none"  # standardise per-scale maps by held-out normals
+    score_norm: Literal["map", "none", "scale", "position"] = "map"  # the map the image score reads; map: map_norm's
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ class TrainConfig:
     max_train_images: int = 0  # 0: all; >0 subsamples train/good (quick experiments)
     num_threads: int = 0  # CPU threads for torch; 0: torch's default (one per core)
     channels_last: bool = True  # channels_last memory format on CUDA (faster convs with AMP)
+    ema_halflife: float = 0.0  # epochs; > 0 keeps an exponential moving average of the flow weights
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class EvalConfig:
     heatmap_images: int = 6  # fixed test images shown in the per-evaluation heatmap grid
     threshold: Literal["f1", "val_quantile"] = "f1"
     val_quantile: float = 0.99
+    weights: Literal["raw", "ema"] = "raw"  # evaluated, selected and saved; the other is logged as eval/<other>_*
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,9 @@ def _check_values(cfg: RunConfig) -> None:
         ("train.cache_max_gb", cfg.train.cache_max_gb > 0, "> 0"),
         ("train.max_train_images", cfg.train.max_train_images >= 0, ">= 0"),
         ("train.num_threads", cfg.train.num_threads >= 0, ">= 0"),
+        ("train.ema_halflife", cfg.train.ema_halflife >= 0, ">= 0 epochs (0: no weight average)"),
+        ("eval.weights", cfg.eval.weights == "raw" or cfg.train.ema_halflife > 0,
+         "raw, or ema with train.ema_halflife > 0"),
         ("eval.eval_every", cfg.eval.eval_every >= 1, ">= 1"),
         ("eval.batch_size", cfg.eval.batch_size >= 1, ">= 1"),
         ("eval.aupro_fpr_limit", 0 < cfg.eval.aupro_fpr_limit <= 1, "in (0, 1]"),

@@ -9,11 +9,12 @@ import numpy as np
 import torch
 
 from . import metrics as M
-from .anomaly_map import anomaly_map, image_score
+from .anomaly_map import scale_maps
 from .config import RunConfig
 from .data import ImageDataset, Sample
 from .features import EncodedSplit
 from .loss import nll_loss
+from .scoring import NormalStats, image_nll, normal_stats, score
 
 
 @dataclass
@@ -46,24 +47,43 @@ def heatmap_indices(labels: torch.Tensor, count: int) -> list[int]:
 
 
 @torch.inference_mode()
-def predict_maps(model, split: EncodedSplit, cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Anomaly maps `(N,1,S,S)` on the CPU, and the mean NLL loss over the split."""
+def predict_maps(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
+                 stats: NormalStats | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Anomaly maps `(N,1,S,S)` and image scores `(N,)` on the CPU, and the mean NLL loss over the split."""
     model.eval()
-    size = (cfg.model.input_size, cfg.model.input_size)
-    maps, loss_sum = [], 0.0
+    m = cfg.model
+    size = (m.input_size, m.input_size)
+    maps, scores, loss_sum = [], [], 0.0
     for start in range(0, len(split), cfg.eval.batch_size):
         indices = torch.arange(start, min(start + cfg.eval.batch_size, len(split)))
         latents, log_jacs = model.forward_features(split.batch(indices, device))
         loss_sum += nll_loss(latents, log_jacs).item() * len(indices)
-        maps.append(anomaly_map(cfg.model.anomaly_map, latents, log_jacs, size).cpu())
-    return torch.cat(maps), loss_sum / len(split)
+        batch_maps, batch_scores = score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score,
+                                         m.topk_fraction, stats, m.score_norm)
+        maps.append(batch_maps.cpu())
+        scores.append(batch_scores.cpu())
+    return torch.cat(maps), torch.cat(scores), loss_sum / len(split)
+
+
+@torch.inference_mode()
+def held_out_stats(model, split: EncodedSplit, cfg: RunConfig, device: torch.device) -> NormalStats:
+    """Statistics of the split's normal images (label 0) under `model`: the held-out normals, never test images."""
+    model.eval()
+    normal = torch.nonzero(split.labels == 0).flatten()
+    maps, nll = [], []
+    for start in range(0, len(normal), cfg.eval.batch_size):
+        latents, log_jacs = model.forward_features(split.batch(normal[start:start + cfg.eval.batch_size], device))
+        maps.append([m.cpu() for m in scale_maps(cfg.model.anomaly_map, latents, log_jacs)])
+        nll.append(image_nll(latents, log_jacs).cpu())
+    return normal_stats([torch.cat(scale) for scale in zip(*maps)], torch.cat(nll))
 
 
 def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
-                   keep_maps: list[int] | None = None, pixel_metrics: bool = True) -> Evaluation:
+                   keep_maps: list[int] | None = None, pixel_metrics: bool = True,
+                   stats: NormalStats | None = None) -> Evaluation:
     start = time.perf_counter()
-    maps, loss = predict_maps(model, split, cfg, device)
-    scores = image_score(maps, cfg.model.image_score, cfg.model.topk_fraction).numpy()
+    maps, scores, loss = predict_maps(model, split, cfg, device, stats)
+    scores = scores.numpy()
     images_per_s = len(split) / (time.perf_counter() - start)
     labels = split.labels.numpy()
     if pixel_metrics:
@@ -75,7 +95,8 @@ def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.dev
 
 
 @torch.inference_mode()
-def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torch.device, max_images: int = 16) -> float:
+def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torch.device, max_images: int = 16,
+                      stats: NormalStats | None = None) -> float:
     """End-to-end images/s (backbone + flows + map + score) on up to `max_images` test images."""
     model.eval()
     dataset = ImageDataset(samples[:max_images], cfg.model.input_size)
@@ -84,7 +105,8 @@ def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torc
     model(images)  # warm-up at the timed batch shape
     start = time.perf_counter()
     latents, log_jacs = model(images)
-    image_score(anomaly_map(cfg.model.anomaly_map, latents, log_jacs, size), cfg.model.image_score)
+    m = cfg.model
+    score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, stats, m.score_norm)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - start)

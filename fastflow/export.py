@@ -38,7 +38,8 @@ def metadata(predictor: Predictor) -> dict[str, str]:
     model = predictor.cfg.model
     return {"input_size": str(model.input_size), "input": "images (B,3,S,S) float RGB in [0,1]",
             "outputs": "anomaly_map (B,1,S,S), image_score (B,)", "anomaly_map": model.anomaly_map,
-            "image_score": model.image_score, "backbone": model.backbone, "threshold_kind": predictor.threshold_kind,
+            "image_score": model.image_score, "map_norm": model.map_norm,
+            "score_norm": model.score_norm, "backbone": model.backbone, "threshold_kind": predictor.threshold_kind,
             "thresholds": json.dumps({k: float(v) for k, v in predictor.thresholds.items()}),
             "score_range": json.dumps(list(predictor.score_range))}
 

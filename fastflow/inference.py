@@ -9,17 +9,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .anomaly_map import anomaly_map, image_score
 from .checkpoint import load_checkpoint
 from .config import RunConfig, config_from_dict
 from .data import image_tensor
 from .model import FastFlow
+from .scoring import NormalStats, needs_stats, score_with_map
 
 
 @dataclass
 class Predictions:
     scores: np.ndarray  # (N,) raw image scores
-    maps: np.ndarray  # (N,S,S) anomaly maps at the model's input size
+    maps: np.ndarray  # (N,S,S) the map the image score reads (the anomaly map unless model.score_norm differs)
     normalized: np.ndarray  # (N,) in [0,1], the threshold maps to 0.5
     is_anomalous: np.ndarray  # (N,) bool
 
@@ -44,6 +44,12 @@ class Predictor(torch.nn.Module):
         self.threshold = float(checkpoint["thresholds"][self.threshold_kind])
         self.thresholds = checkpoint["thresholds"]
         self.score_range = checkpoint["score_range"]
+        stats = checkpoint.get("normal_stats")
+        self.stats = NormalStats.from_dict(stats).to(self.device) if stats is not None else None
+        if self.stats is None and needs_stats(model_cfg.map_norm, model_cfg.image_score, model_cfg.score_norm):
+            raise ValueError(f"checkpoint has no held-out normal statistics, but its config uses model.map_norm="
+                             f"{model_cfg.map_norm}, model.score_norm={model_cfg.score_norm}, "
+                             f"model.image_score={model_cfg.image_score}")
 
     @classmethod
     def from_file(cls, path: Path, device: str = "cpu") -> "Predictor":
@@ -51,12 +57,18 @@ class Predictor(torch.nn.Module):
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return cls(load_checkpoint(Path(path)), device)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""
+    def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B,3,S,S)` RGB in [0,1] -> (anomaly maps, the maps the score reads, both `(B,1,S,S)`, scores `(B,)`)."""
         latents, log_jacs = self.model(images)
         size = (images.shape[-2], images.shape[-1])
-        maps = anomaly_map(self.cfg.model.anomaly_map, latents, log_jacs, size)
-        return maps, image_score(maps, self.cfg.model.image_score, self.cfg.model.topk_fraction)
+        m = self.cfg.model
+        return score_with_map(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction,
+                              self.stats, m.score_norm)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""
+        maps, _, scores = self.outputs(images)
+        return maps, scores
 
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         """Min-max normalization centred on the threshold (anomalib's convention): threshold -> 0.5."""
@@ -65,7 +77,7 @@ class Predictor(torch.nn.Module):
 
     @torch.inference_mode()
     def predict_tensor(self, images: torch.Tensor) -> Predictions:
-        maps, scores = self(images.to(self.device))
+        _, maps, scores = self.outputs(images.to(self.device))  # masks compare the scored map with the threshold
         scores_np = scores.cpu().numpy()
         return Predictions(scores_np, maps[:, 0].cpu().numpy(), self.normalize(scores_np), scores_np >= self.threshold)  # as F1-max counts score >= threshold
 

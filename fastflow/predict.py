@@ -8,6 +8,7 @@ Mask rule: a pixel is anomalous when its upsampled map value exceeds the image t
 model-resolution pixel it comes from does (nearest neighbour). With `model.image_score=max` the image
 score is the map's maximum, so an image is flagged exactly when its mask is non-empty (for images at
 least as large as the model input); with `topk` a normal image may still show a few mask pixels.
+The map is the one the image score reads: with `model.score_norm=position` the held-out-standardised map.
 """
 
 from __future__ import annotations

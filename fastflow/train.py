@@ -23,13 +23,15 @@ from tqdm import tqdm
 
 from .config import RunConfig, flatten, to_dict
 from .data import ImageDataset, Splits, content_hash, make_splits
-from .evaluate import evaluate_split, heatmap_indices, measure_inference
+from .ema import ema_decay, make_ema
+from .evaluate import evaluate_split, heatmap_indices, held_out_stats, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
 from .model import FastFlow, count_parameters
 from .metrics import NonFiniteError
 from .protocol import protocol_for_metric
 from .redact import redact_values
+from .scoring import NormalStats, needs_stats
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +127,9 @@ def _train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Enc
 
 
 def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, device: torch.device,
-                epoch: int) -> tuple[float, int]:
-    """One pass over the training set; returns (mean loss, images seen)."""
+                epoch: int, after_step: Optional[Callable[[], None]] = None) -> tuple[float, int]:
+    """One pass over the training set; returns (mean loss, images seen). `after_step` runs after each
+    optimizer step (the weight average updates there)."""
     model.train()
     model.backbone.eval()
     accum = cfg.train.grad_accum_steps
@@ -147,6 +150,8 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if after_step is not None:
+                after_step()
         batch = features[0].shape[0]
         total_loss += loss.item() * batch
         seen += batch
@@ -155,6 +160,8 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
+        if after_step is not None:
+            after_step()
     return total_loss / max(seen, 1), seen
 
 
@@ -197,6 +204,10 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     if cfg.eval.selection_metric == "val_image_auroc" and not splits.validation:
         raise ValueError("eval.selection_metric=val_image_auroc needs held-out normals: a validation/good folder "
                          "or data.val_fraction > 0")
+    if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:
+        raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.score_norm={cfg.model.score_norm} / "
+                         f"model.image_score={cfg.model.image_score} need statistics of held-out normals: "
+                         "a validation/good folder or data.val_fraction > 0")
     reset_peak_memory(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -220,6 +231,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     steps_per_epoch = math.ceil(math.ceil(len(splits.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.warmup_epochs, cfg.train.cosine))
+    ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters)
@@ -227,16 +239,23 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):
         start = time.perf_counter()
         loss, seen = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator),
-                                 optimizer, scheduler, cfg, device, epoch)
+                                 optimizer, scheduler, cfg, device, epoch,
+                                 after_step=(lambda: ema.update_parameters(model)) if ema is not None else None)
         seconds = time.perf_counter() - start
         train_seconds += seconds
         metrics = {"train/loss": loss, "train/epoch_seconds": seconds, "train/images_per_s": seen / seconds,
                    "train/lr": optimizer.param_groups[0]["lr"]}
         if epoch % cfg.eval.eval_every == 0 or epoch == cfg.train.epochs:
-            evaluation = _evaluate_finite(model, encoded.test, cfg, device, epoch, keep_maps=shown)
+            net = ema.module if cfg.eval.weights == "ema" else model
+            stats = normal_statistics(net, encoded, cfg, device)
+            evaluation = _evaluate_finite(net, encoded.test, cfg, device, epoch, keep_maps=shown, stats=stats)
             metrics.update({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+            if ema is not None:
+                other = "raw" if cfg.eval.weights == "ema" else "ema"
+                metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg, device))
             if encoded.validation is not None:
-                validation = _evaluate_finite(model, encoded.validation, cfg, device, epoch, pixel_metrics=False)
+                validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, pixel_metrics=False,
+                                              stats=stats)
                 metrics["eval/val_image_auroc"] = validation.metrics["image_auroc"]
                 metrics["eval/val_loss"] = validation.loss
             metrics["eval/images_per_s"] = evaluation.images_per_s
@@ -244,8 +263,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
             if value > best_value:
                 best_value = value
                 result.best_epoch, result.best_metrics = epoch, dict(metrics)
-                result.checkpoint = make_checkpoint(model, cfg, epoch, metrics, evaluation,
-                                                    validation if encoded.validation is not None else None)
+                result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation,
+                                                    validation if encoded.validation is not None else None, stats)
             if tracker is not None:
                 tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
                                           encoded.test.masks[shown], evaluation.shown_maps,
@@ -256,7 +275,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         if on_evaluation is not None and f"eval/{cfg.eval.selection_metric}" in metrics:
             on_evaluation(epoch, metrics)
     result.seconds_per_epoch = train_seconds / cfg.train.epochs
-    result.inference_images_per_s = measure_inference(model, splits.test, cfg, device)
+    result.inference_images_per_s = measure_inference(net, splits.test, cfg, device, stats=stats)
     result.peak_memory_mb = peak_memory_mb(device)
     if tracker is not None:
         tracker.log_final(result, cfg)
@@ -272,8 +291,29 @@ def _evaluate_finite(model: FastFlow, split, cfg: RunConfig, device: torch.devic
                                  f"diverged; train.lr={cfg.train.lr} may be too high") from None
 
 
-def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation) -> dict:
-    """Everything `predict` needs without the YAML: config, weights, thresholds, score range."""
+def normal_statistics(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: torch.device) -> Optional[NormalStats]:
+    """Held-out normal statistics for map normalisation / `nll_z`, when the config uses them (else None)."""
+    if not needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm):
+        return None
+    return held_out_stats(model, encoded.validation, cfg, device)
+
+
+def other_weights_metrics(model: FastFlow, name: str, encoded: Encoded, cfg: RunConfig,
+                          device: torch.device) -> dict[str, float]:
+    """`eval/<name>_*` test (and validation) metrics of the weights that are not selected (raw or EMA)."""
+    stats = normal_statistics(model, encoded, cfg, device)
+    values = evaluate_split(model, encoded.test, cfg, device, stats=stats).metrics
+    if encoded.validation is not None:
+        validation = evaluate_split(model, encoded.validation, cfg, device, pixel_metrics=False, stats=stats)
+        values["val_image_auroc"] = validation.metrics["image_auroc"]
+    return {f"eval/{name}_{k}": v for k, v in values.items() if k in ("image_auroc", "pixel_auroc", "aupro",
+                                                                       "val_image_auroc")}
+
+
+def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation,
+                    stats: Optional[NormalStats] = None) -> dict:
+    """Everything `predict` needs without the YAML: config, weights, thresholds, score range, and the
+    held-out normal statistics the scores were standardised with."""
     thresholds = {"f1": evaluation.metrics["f1_threshold"]}
     if validation is not None:
         thresholds["val_quantile"] = float(np.quantile(validation.normal_scores(), cfg.eval.val_quantile))
@@ -281,7 +321,7 @@ def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, 
             "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds,
             "threshold_kind": cfg.eval.threshold if cfg.eval.threshold in thresholds else "f1",
             "score_range": [float(evaluation.scores.min()), float(evaluation.scores.max())],
-            "format": 1}
+            "normal_stats": stats.to_dict() if stats is not None else None, "format": 1}
 
 
 __all__ = ["train_and_evaluate", "TrainResult", "NonFiniteLossError", "Tracker"]

@@ -1,0 +1,148 @@
+"""Scores from flow outputs: per-scale maps, their standardisation by held-out normals, fusion, image scores.
+
+Tensors in, tensors out (no I/O). `score(...)` is the one entry that evaluation, `predict` and export share:
+
+- `map_norm` (the output map) and `score_norm` (the map the image score reads; `map`: the output map):
+  `none` averages the raw per-scale maps; `scale` first standardises each scale's map with the
+  mean/std of that scale over held-out normal images; `position` with the mean/std of each position (the std
+  shrunk half-way to the scale's, as ~30 images give a noisy per-position std). Border positions, where zero
+  padding acts, otherwise score high on normal images.
+- `image_score`: `max`, `topk` (mean of the top `topk_fraction` of pixels) or `mean` of the fused map;
+  `nll`: the image's own negative log-likelihood under each scale's flow (sum over positions, per dimension),
+  averaged over scales; `nll_z`: each scale's image NLL standardised by held-out normals, then averaged, so
+  that no scale dominates.
+
+`NormalStats` hold what was measured on held-out normals; they travel in the checkpoint (`to_dict`/`from_dict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .anomaly_map import MAP_SCORES, fuse, image_score as map_image_score, scale_maps
+
+MAP_NORMS = ("none", "scale", "position")
+NLL_SCORES = ("nll", "nll_z")
+IMAGE_SCORES = MAP_SCORES + NLL_SCORES
+
+
+def image_nll(latents: list[torch.Tensor], log_jacs: list[torch.Tensor]) -> torch.Tensor:
+    """`(B, n_scales)`: each scale's negative log-likelihood of the whole image, per dimension (C*h*w)."""
+    per_scale = [(0.5 * torch.sum(z.float() ** 2, dim=(1, 2, 3)) - j.float().sum(dim=(1, 2))) / z[0].numel()
+                 for z, j in zip(latents, log_jacs)]
+    return torch.stack(per_scale, dim=1)
+
+
+@dataclass
+class NormalStats:
+    """Statistics of held-out normal images: per-scale map mean/std (per position `(1,1,h,w)` and per scale
+    `()`), and the per-scale image NLL mean/std `(n_scales,)`."""
+
+    position_mean: list[torch.Tensor]
+    position_std: list[torch.Tensor]
+    scale_mean: list[torch.Tensor]
+    scale_std: list[torch.Tensor]
+    nll_mean: torch.Tensor
+    nll_std: torch.Tensor
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "NormalStats":
+        missing = set(cls.__dataclass_fields__) - set(values)
+        if missing:
+            raise ValueError(f"normal statistics lack {sorted(missing)}")
+        return cls(**{k: values[k] for k in cls.__dataclass_fields__})
+
+    def to(self, device: torch.device | str) -> "NormalStats":
+        move = lambda v: [t.to(device) for t in v] if isinstance(v, list) else v.to(device)
+        return NormalStats(**{k: move(v) for k, v in self.to_dict().items()})
+
+
+def normal_stats(maps: list[torch.Tensor], nll: torch.Tensor, eps: float = 1e-6) -> NormalStats:
+    """Statistics of held-out normals from their per-scale maps `[(N,1,h,w)]` and image NLLs `(N, n_scales)`.
+
+    The per-position std is shrunk half-way (in variance) to the scale's, as a few dozen images make it noisy.
+    Variances are population variances, so that a single held-out image still gives finite statistics.
+    """
+    if nll.shape[0] < 1:
+        raise ValueError("normal statistics need at least 1 held-out normal image, got none")
+    maps = [m.float() for m in maps]
+    scale_mean = [m.mean() for m in maps]
+    scale_var = [m.var(correction=0) for m in maps]
+    position_var = [m.var(dim=0, keepdim=True, correction=0) for m in maps]
+    return NormalStats(
+        position_mean=[m.mean(dim=0, keepdim=True) for m in maps],
+        position_std=[torch.sqrt(0.5 * (pv + sv) + eps) for pv, sv in zip(position_var, scale_var)],
+        scale_mean=scale_mean, scale_std=[torch.sqrt(v + eps) for v in scale_var],
+        nll_mean=nll.float().mean(dim=0), nll_std=nll.float().std(dim=0, correction=0) + eps)
+
+
+def standardise(maps: list[torch.Tensor], mode: str, stats: NormalStats | None) -> list[torch.Tensor]:
+    """Per-scale maps standardised by held-out normal statistics (`none`: unchanged)."""
+    if mode == "none":
+        return maps
+    if mode not in MAP_NORMS:
+        raise ValueError(f"unknown map normalisation '{mode}'; known: {', '.join(MAP_NORMS)}")
+    if stats is None:
+        raise ValueError(f"model.map_norm={mode} needs statistics of held-out normal images (a validation/good "
+                         f"folder or data.val_fraction > 0)")
+    if mode == "scale":
+        return [(m - mu) / sd for m, mu, sd in zip(maps, stats.scale_mean, stats.scale_std)]
+    return [(m - mu) / sd for m, mu, sd in zip(maps, stats.position_mean, stats.position_std)]
+
+
+def nll_image_score(nll: torch.Tensor, mode: str, stats: NormalStats | None) -> torch.Tensor:
+    """`(B, n_scales) -> (B,)`: mean over scales of the image NLL (`nll`) or of its held-out z-score (`nll_z`)."""
+    if mode == "nll":
+        return nll.mean(dim=1)
+    if mode == "nll_z":
+        if stats is None:
+            raise ValueError("model.image_score=nll_z needs statistics of held-out normal images "
+                             "(a validation/good folder or data.val_fraction > 0)")
+        return ((nll - stats.nll_mean) / stats.nll_std).mean(dim=1)
+    raise ValueError(f"unknown image score '{mode}'; known: {', '.join(IMAGE_SCORES)}")
+
+
+def image_score(maps: torch.Tensor, nll: torch.Tensor, mode: str, topk_fraction: float = 0.01,
+                stats: NormalStats | None = None) -> torch.Tensor:
+    if mode in NLL_SCORES:
+        return nll_image_score(nll, mode, stats)
+    return map_image_score(maps, mode, topk_fraction)
+
+
+def score_with_map(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
+                   map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
+                   stats: NormalStats | None = None,
+                   score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, the map the image score reads `(B,1,H,W)`, scores `(B,)`).
+
+    The map is standardised by `map_norm`; the image score reads the map standardised by `score_norm`
+    (`map`: the output map itself), so e.g. the score can discount the border while the map stays raw.
+    """
+    per_scale = scale_maps(kind, latents, log_jacs)
+    fused = fuse(standardise(per_scale, map_norm, stats), size)
+    scored = fused if score_norm in ("map", map_norm) else fuse(standardise(per_scale, score_norm, stats), size)
+    nll = image_nll(latents, log_jacs) if image_mode in NLL_SCORES else fused.new_zeros(fused.shape[0], 0)
+    return fused, scored, image_score(scored, nll, image_mode, topk_fraction, stats)
+
+
+def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
+          map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
+          stats: NormalStats | None = None, score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, image scores `(B,)`); see `score_with_map`."""
+    fused, _, scores = score_with_map(latents, log_jacs, size, kind, map_norm, image_mode, topk_fraction, stats,
+                                      score_norm)
+    return fused, scores
+
+
+def needs_stats(map_norm: str, image_mode: str, score_norm: str = "map") -> bool:
+    """Whether these settings need statistics of held-out normal images."""
+    return map_norm != "none" or score_norm not in ("map", "none") or image_mode == "nll_z"
+
+
+__all__ = ["MAP_NORMS", "IMAGE_SCORES", "NLL_SCORES", "NormalStats", "normal_stats", "image_nll", "standardise",
+           "nll_image_score", "image_score", "score", "score_with_map", "needs_stats"]
