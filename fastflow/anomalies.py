@@ -49,7 +49,7 @@ class AnomalySpec:
         return f"v{GENERATOR_VERSION}-{'+'.join(self.kinds)}-s{self.severity[0]:g}-{self.severity[1]:g}-c{self.copies}"
 
 
-def check_kinds(kinds: Sequence[str], key: str = "eval.val_anomalies") -> None:
+def check_kinds(kinds: Sequence[str], key: str = "data.val_anomalies") -> None:
     unknown = [k for k in kinds if k not in ANOMALY_TYPES]
     if unknown or not kinds:
         raise ValueError(f"{key}={list(kinds)!r}: expected one or more of {', '.join(ANOMALY_TYPES)}")

@@ -57,6 +57,16 @@ def _version_for_run(client: MlflowClient, name: str, run_id: str):
     return None
 
 
+PROVENANCE_TAGS = ("selection_protocol", "threshold_source", "validation_source")
+
+
+def tag_version_provenance(client: MlflowClient, name: str, version: str, run) -> None:
+    """Copy how the run chose its epoch and stored threshold onto the registered version (idempotent)."""
+    for key in PROVENANCE_TAGS:
+        if key in run.data.tags:
+            client.set_model_version_tag(name, version, key, run.data.tags[key])
+
+
 def _champion(client: MlflowClient, name: str):
     try:
         return client.get_model_version_by_alias(name, CHAMPION)
@@ -77,6 +87,7 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
         tags = {"run_id": run.info.run_id, "metric": metric, "study": run.data.tags.get("study", ""),
                 **{k: f"{v:.6f}" for k, v in run.data.metrics.items() if k.startswith("best/")}}
         version = mlflow.register_model(run.data.tags["model_uri"], name, tags=tags)
+    tag_version_provenance(client, name, version.version, run)
     champion = _champion(client, name)
     previous_value = float(champion.tags[f"best/{metric}"]) if champion and f"best/{metric}" in champion.tags else None
     better = champion is None or previous_value is None or value > previous_value

@@ -8,6 +8,7 @@ killed worker's trial into FAIL (its MLflow run FAILED) and enqueue a retry.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import socket
@@ -24,7 +25,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
-from .protocol import LEAK_FREE, Protocol, protocol_for_objective
+from .protocol import LEAK_FREE, Protocol, protocol_for_metric, protocol_for_objective
+from .selection import Fidelity, fidelity
 from .registry import Promotion, promote
 from .space import SearchSpace, load_space, nested
 from .tracking import (end_run, ensure_experiment, find_parent_run, finish_parent_run, run_status,
@@ -34,6 +36,7 @@ from .train import train_and_evaluate
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PARENT_ATTR = "mlflow_parent_run_id"
+OBJECTIVE_ATTR = "objective"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 
@@ -47,7 +50,7 @@ class SweepSettings:
     workers: int = 1
     study_name: str = ""
     timeout: Optional[float] = None
-    objective: str = "test"  # test (paper protocol) | val (leak-free)
+    objective: str = LEAK_FREE.objective  # val (leak-free, default) | test (paper protocol)
     storage: str = ""
     seed: int = 0
     experiment: str = "fastflow"
@@ -114,9 +117,25 @@ def _create_or_load(settings: SweepSettings, space: SearchSpace) -> tuple[optuna
     """(study, created by this call) — the database's unique study name decides who created it."""
     kwargs = dict(study_name=settings.resolved_study_name(), storage=make_storage(settings))
     try:
-        return optuna.create_study(direction="maximize", pruner=make_pruner(space.pruner), **kwargs), True
+        study = optuna.create_study(direction="maximize", pruner=make_pruner(space.pruner), **kwargs)
+        study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
+        return study, True
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(pruner=make_pruner(space.pruner), **kwargs), False
+        study = optuna.load_study(pruner=make_pruner(space.pruner), **kwargs)
+        check_objective(study, settings)
+        return study, False
+
+
+def check_objective(study: optuna.Study, settings: SweepSettings) -> None:
+    """The objective is part of a study's identity: values of two objectives are not comparable."""
+    stored = study.user_attrs.get(OBJECTIVE_ATTR)
+    if stored is None:  # a study from before the objective was stored: adopt it
+        study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
+    elif stored != settings.objective:
+        raise ValueError(f"study '{study.study_name}' optimizes --objective {stored} "
+                         f"({protocol_for_objective(stored).label}); it cannot be resumed with --objective "
+                         f"{settings.objective}. Resume it with --objective {stored}, or start another study "
+                         f"with --study <new name>")
 
 
 def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float = 120.0) -> str:
@@ -139,23 +158,26 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
 def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
     def objective(trial: optuna.Trial) -> float:
         sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
-        forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment}
-        if settings.protocol is LEAK_FREE:
-            forced["eval.selection_metric"] = settings.metric
+        forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment,
+                  "eval.selection_metric": settings.metric}
         cfg = with_overrides(space.trial_config(sampled, settings.category, settings.root), nested(forced))
         tags = {"trial_number": trial.number, "study": settings.resolved_study_name(),
                 **{f"sampled.{k}": v for k, v in sampled.items()}}
         with start_run(cfg, run_name=f"trial-{trial.number:03d}", parent_run_id=parent_run_id, tags=tags) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
+            running_best = [float("-inf")]
+
             def report(epoch: int, metrics: dict[str, float]) -> None:
-                trial.report(metrics[f"eval/{settings.metric}"], epoch)
+                # the pruner sees what the objective returns: the best so far, so a one-epoch dip prunes nothing
+                running_best[0] = max(running_best[0], metrics[f"eval/{settings.metric}"])
+                trial.report(running_best[0], epoch)
                 if trial.should_prune():
                     tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch})
                     raise PrunedTrial(f"pruned at epoch {epoch}")
 
             result = train_and_evaluate(cfg, tracker, report)
-            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc"):
+            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc", "val_pixel_auroc", "val_aupro"):
                 if f"eval/{key}" in result.best_metrics:
                     trial.set_user_attr(key, result.best_metrics[f"eval/{key}"])
             trial.set_user_attr("best_epoch", result.best_epoch)
@@ -185,6 +207,7 @@ class SweepResult:
     best_trial: Optional[FrozenTrial]
     counts: dict[str, int]
     promotion: Optional[Promotion] = None
+    fidelity: Optional[Fidelity] = None  # validation vs test image AUROC across the complete trials
 
 
 def run_sweep(settings: SweepSettings) -> SweepResult:
@@ -206,8 +229,11 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     finally:
         study = load_study(settings, space)
         optuna.storages.fail_stale_trials(study)
-        finish_parent_run(parent_run_id, study_figures(study), _best_metrics(study, settings.metric), status)
-    result = SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study))
+        study_fidelity = trial_fidelity(study)
+        finish_parent_run(parent_run_id, study_figures(study), {**_best_metrics(study, settings.metric),
+                          **(study_fidelity.metrics() if study_fidelity else {})}, status)
+    result = SweepResult(settings.resolved_study_name(), parent_run_id, _best_trial(study), _counts(study),
+                         fidelity=study_fidelity)
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
@@ -232,6 +258,18 @@ def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list
 def _best_trial(study: optuna.Study) -> Optional[FrozenTrial]:
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     return max(complete, key=lambda t: t.value) if complete else None
+
+
+def trial_fidelity(study: optuna.Study) -> Optional[Fidelity]:
+    """Validation vs test image AUROC (each at its trial's selected epoch) across the complete trials;
+    the selected trial is the study's best. None when the trials have no validation score."""
+    best = _best_trial(study)
+    rows = [t for t in study.trials if t.state == TrialState.COMPLETE
+            and "val_image_auroc" in t.user_attrs and "image_auroc" in t.user_attrs]
+    if best is None or best not in rows:
+        return None
+    return fidelity([t.user_attrs["val_image_auroc"] for t in rows], [t.user_attrs["image_auroc"] for t in rows],
+                    rows.index(best))
 
 
 def study_figures(study: optuna.Study) -> dict:
@@ -281,7 +319,8 @@ def summary_table(result: SweepResult, category: str, metric: str) -> str:
     best = result.best_trial
     if best is None:
         return "\n".join(lines + ["no trial completed"])
-    lines.append(f"best trial #{best.number} ({metric} = {best.value:.4f}, epoch {best.user_attrs.get('best_epoch')})")
+    lines.append(f"best trial #{best.number} ({metric} = {best.value:.4f}, epoch {best.user_attrs.get('best_epoch')}); "
+                 f"selection: {protocol_for_metric(metric).label}")
     lines += [f"  {name:<24} {value}" for name, value in best.params.items()]
     paper = paper_numbers(category)
     lines.append(f"  {'':<24} {'ours':>8} {'paper':>8}")
@@ -290,6 +329,20 @@ def summary_table(result: SweepResult, category: str, metric: str) -> str:
         theirs = paper.get(key) if paper else None
         lines.append(f"  {key:<24} {ours if ours is None else f'{ours:.4f}':>8} "
                      f"{'-' if theirs is None else f'{theirs:.3f}':>8}")
+    for key in ("val_image_auroc", "val_pixel_auroc", "val_aupro"):
+        if key in best.user_attrs:
+            lines.append(f"  {key:<24} {best.user_attrs[key]:>8.4f} {'-':>8}")
+    lines.append("  (ours: test set at the selected epoch; val_*: held-out normals + synthetic anomalies)")
     if paper:
         lines.append("  (paper: CaiT per-category numbers, test-set selection)")
+    lines.append(fidelity_line(result.fidelity, "complete trials"))
     return "\n".join(lines)
+
+
+def fidelity_line(figures: Optional[Fidelity], over: str) -> str:
+    """How far the selection can be trusted, in words and numbers, for the terminal."""
+    if figures is None:
+        return "selection fidelity: n/a (no validation score: no held-out normals)"
+    rho = "n/a (fewer than 3 points or a constant score)" if math.isnan(figures.spearman) else f"{figures.spearman:+.2f}"
+    return (f"selection fidelity over {figures.points} {over}: Spearman(val, test image AUROC) {rho}; "
+            f"optimism {figures.optimism:.4f} (test AUROC of the test-best minus the chosen)")

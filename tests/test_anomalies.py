@@ -99,5 +99,5 @@ def test_perlin_noise_and_bad_input() -> None:
         make_anomaly(image, "scar", np.random.default_rng(0), 1.5)
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         make_anomaly(image[..., 0], "scar", np.random.default_rng(0))
-    with pytest.raises(ValueError, match="eval.val_anomalies"):
+    with pytest.raises(ValueError, match="data.val_anomalies"):
         AnomalySpec(kinds=("scar", "smudge"))
