@@ -25,7 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
-from .protocol import LEAK_FREE, Protocol, protocol_for_metric, protocol_for_objective
+from .protocol import LEAK_FREE, OBJECTIVES, Protocol, protocol_for_metric, protocol_for_objective
 from .selection import Fidelity, fidelity
 from .registry import Promotion, promote
 from .space import SearchSpace, load_space, nested
@@ -91,6 +91,16 @@ def _mark_stale_run_failed(study: optuna.Study, trial: FrozenTrial) -> None:
     RetryFailedTrialCallback(max_retry=1)(study, trial)
 
 
+def _inferred_objective(study: optuna.Study) -> Optional[str]:
+    """The objective of a study from before it was stored: the one whose metric equals its trials' values."""
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            matches = [o for o in OBJECTIVES if trial.user_attrs.get(protocol_for_objective(o).metric) == trial.value]
+            if len(matches) == 1:
+                return matches[0]
+    return None
+
+
 def make_storage(settings: SweepSettings) -> RDBStorage:
     return RDBStorage(settings.storage_url(), heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
                       heartbeat_stale_trial_callback=_mark_stale_run_failed)
@@ -128,8 +138,8 @@ def _create_or_load(settings: SweepSettings, space: SearchSpace) -> tuple[optuna
 
 def check_objective(study: optuna.Study, settings: SweepSettings) -> None:
     """The objective is part of a study's identity: values of two objectives are not comparable."""
-    stored = study.user_attrs.get(OBJECTIVE_ATTR)
-    if stored is None:  # a study from before the objective was stored: adopt it
+    stored = study.user_attrs.get(OBJECTIVE_ATTR) or _inferred_objective(study)
+    if stored is None:  # a study from before the objective was stored, with no complete trial: adopt this one
         study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
     elif stored != settings.objective:
         raise ValueError(f"study '{study.study_name}' optimizes --objective {stored} "

@@ -204,6 +204,11 @@ def test_objective_is_part_of_the_study(stores, synthetic_root, capsys):
     other = run_sweep(settings_for(tmp, space, synthetic_root, trials=0, objective="test", study_name="paper-protocol"))
     study = optuna.load_study(study_name=other.study_name, storage=os.environ["OPTUNA_STORAGE"])
     assert study.user_attrs["objective"] == "test"
+    # a study from before the objective was stored: inferred from its trials (the old default was test)
+    old = optuna.create_study(study_name="old-study", storage=os.environ["OPTUNA_STORAGE"], direction="maximize")
+    old.add_trial(optuna.trial.create_trial(value=0.7, user_attrs={"image_auroc": 0.7, "val_image_auroc": 0.9}))
+    with pytest.raises(ValueError, match="'old-study' optimizes --objective test"):
+        run_sweep(settings_for(tmp, space, synthetic_root, trials=0, objective="val", study_name="old-study"))
 
 
 def test_promote_moves_champion_only_on_improvement(stores, synthetic_root):
