@@ -10,7 +10,7 @@ from pathlib import Path
 
 from . import signals
 from .config import ConfigError, load_config
-from .protocol import OBJECTIVES
+from .protocol import LEAK_FREE, OBJECTIVES, PAPER
 from .redact import redact
 
 
@@ -27,7 +27,11 @@ def _train(args) -> int:
             result = train_and_evaluate(cfg, tracker)
             print(f"mlflow run: {tracker.run_id}")
     best = {k.split("/")[-1]: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("eval/")}
-    print(f"best epoch {result.best_epoch}: {best}")
+    print(f"best epoch {result.best_epoch}, selected on {result.selection_protocol}: {best}")
+    print(f"stored threshold: {result.threshold_source}")
+    from .sweep import fidelity_line
+
+    print(fidelity_line(result.fidelity, "evaluated epochs"))
     print(f"train seconds/epoch {result.seconds_per_epoch:.1f}, inference {result.inference_images_per_s:.1f} images/s, "
           f"flow parameters {result.flow_parameters / 1e6:.2f}M, peak memory "
           + ", ".join(f"{k} {v:.0f} MB" for k, v in result.peak_memory_mb.items()))
@@ -129,7 +133,8 @@ def _report(args) -> int:
     from .report import write_report
 
     result = write_report(args.experiment, Path(args.out))
-    print(f"{len(result.rows)} (category, backbone) rows -> " + ", ".join(str(p) for p in result.files))
+    print(f"{len(result.rows)} rows (best run per category, backbone and selection protocol) -> "
+          + ", ".join(str(p) for p in result.files))
     print(f"logged to MLflow run {result.run_id} ('report' in experiment {args.experiment})")
     return 0
 
@@ -180,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--workers", type=int, default=1, help="parallel worker processes on the same study")
     sweep.add_argument("--study", default="", help="study name (default fastflow-<category>-<space>)")
     sweep.add_argument("--timeout", type=float, default=None, help="seconds per worker")
-    sweep.add_argument("--objective", choices=OBJECTIVES, default="test",
-                       help="test: best-epoch test image AUROC (paper protocol); val: leak-free held-out score")
+    sweep.add_argument("--objective", choices=OBJECTIVES, default=LEAK_FREE.objective,
+                       help=f"val (default): {LEAK_FREE.label}; test: {PAPER.label}. Part of the study's identity")
     sweep.add_argument("--no-promote", action="store_true", help="do not register/promote the best model")
     sweep.set_defaults(handler=_sweep)
 
     promote = commands.add_parser("promote", help="register the best run's model; move @champion if it is better")
     promote.add_argument("--category", required=True)
     promote.add_argument("--study", default="")
-    promote.add_argument("--objective", choices=OBJECTIVES, default="test")
+    promote.add_argument("--objective", choices=OBJECTIVES, default=LEAK_FREE.objective)
     promote.add_argument("--force", action="store_true", help="move @champion even if it is not better")
     promote.set_defaults(handler=_promote)
 

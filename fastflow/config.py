@@ -27,7 +27,11 @@ class ConfigError(ValueError):
 class DataConfig:
     root: str = "data"  # MVTec-style root; the built-in category is generated under it
     category: str = "synthetic"
-    val_fraction: float = 0.0  # of train/good held out when the category has no validation/good
+    val_fraction: float = 0.1  # of train/good held out when the category has no validation/good (0: none)
+    val_min_images: int = 10  # hold out at least this many (never more than half of train/good)
+    val_anomalies: tuple[str, ...] = ("cutpaste", "scar", "texture", "distortion", "painted")  # fastflow.anomalies
+    val_severity: tuple[float, float] = (0.0, 1.0)  # range the validation anomalies' severity is drawn from
+    val_copies: int = 2  # anomalous copies of each held-out normal image
     num_workers: int = 0
     synthetic_seed: int = 0
 
@@ -77,10 +81,12 @@ class TrainConfig:
 class EvalConfig:
     eval_every: int = 1
     batch_size: int = 32
-    selection_metric: Literal["image_auroc", "pixel_auroc", "aupro", "val_image_auroc"] = "image_auroc"
+    # auto: val_image_auroc (leak-free) when held-out normals exist, else image_auroc (test set); fastflow.protocol
+    selection_metric: Literal["auto", "image_auroc", "pixel_auroc", "aupro", "val_image_auroc", "val_pixel_auroc",
+                              "val_aupro"] = "auto"
     aupro_fpr_limit: float = 0.3
     heatmap_images: int = 6  # fixed test images shown in the per-evaluation heatmap grid
-    threshold: Literal["f1", "val_quantile"] = "f1"
+    threshold: Literal["auto", "f1", "val_quantile"] = "auto"  # auto: val_quantile when held-out normals exist
     val_quantile: float = 0.99
     weights: Literal["raw", "ema"] = "raw"  # evaluated, selected and saved; the other is logged as eval/<other>_*
 
@@ -109,6 +115,7 @@ class RunConfig:
 def _check_values(cfg: RunConfig) -> None:
     checks = [
         ("data.val_fraction", 0.0 <= cfg.data.val_fraction < 1.0, "a fraction in [0, 1)"),
+        ("data.val_min_images", cfg.data.val_min_images >= 1, ">= 1"),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),
         ("model.input_size", 32 <= cfg.model.input_size <= 2048, "32..2048 pixels"),
         ("model.feature_indices", len(cfg.model.feature_indices) >= 1, "at least one index"),
@@ -133,6 +140,8 @@ def _check_values(cfg: RunConfig) -> None:
         ("eval.aupro_fpr_limit", 0 < cfg.eval.aupro_fpr_limit <= 1, "in (0, 1]"),
         ("eval.heatmap_images", cfg.eval.heatmap_images >= 0, ">= 0"),
         ("eval.val_quantile", 0 < cfg.eval.val_quantile < 1, "in (0, 1)"),
+        ("data.val_severity", 0 <= cfg.data.val_severity[0] <= cfg.data.val_severity[1] <= 1, "0 <= low <= high <= 1"),
+        ("data.val_copies", cfg.data.val_copies >= 1, ">= 1"),
     ]
     if cfg.model.std is not None:
         checks.append(("model.std", all(s > 0 for s in cfg.model.std), "three positive numbers"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from .anomalies import AnomalySpec, validation_anomaly
 from .config import DataConfig
-from .synthetic import SYNTHETIC_CATEGORY, SyntheticSpec, ensure_category, make_defect
+from .synthetic import SYNTHETIC_CATEGORY, SyntheticSpec, ensure_category
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class Splits:
     train: list[Sample]
     validation: list[Sample]  # held-out normal images; may be empty
     test: list[Sample]
+    validation_source: str = ""  # where the held-out normals come from (tagged on the run)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -103,15 +106,35 @@ def make_splits(cfg: DataConfig, max_train_images: int = 0, seed: int = 0) -> Sp
     folder = category_dir(resolve_root(cfg), cfg.category)
     train = list_good(folder / "train" / "good", "training")
     validation: list[Sample] = []
+    source = "none (data.val_fraction=0)"
     if (folder / "validation" / "good").is_dir():
         validation = list_good(folder / "validation" / "good", "validation")
+        source = f"validation/good ({len(validation)} images)"
     elif cfg.val_fraction > 0:
+        n_val = held_out_count(len(train), cfg.val_fraction, cfg.val_min_images)
         shuffled = random.Random(seed).sample(train, len(train))
-        n_val = max(1, int(len(train) * cfg.val_fraction))
         validation, train = sorted(shuffled[:n_val], key=_key), sorted(shuffled[n_val:], key=_key)
+        source = (f"held out {n_val} of {len(train) + n_val} train/good images (data.val_fraction={cfg.val_fraction:g}, "
+                  f"data.val_min_images={cfg.val_min_images}, seed {seed})" if n_val else
+                  f"none (train/good has {len(train)} images, too few to hold any out)")
+        if not n_val:
+            log.warning("%s: %d training images, too few to hold out normals; selection falls back to the test set",
+                        folder, len(train))
     if max_train_images:
         train = sorted(random.Random(seed).sample(train, min(max_train_images, len(train))), key=_key)
-    return Splits(train, validation, list_test(folder))
+    return Splits(train, validation, list_test(folder), source)
+
+
+def anomaly_spec(cfg: DataConfig) -> AnomalySpec:
+    """The validation anomalies `data.val_anomalies/val_severity/val_copies` ask for."""
+    return AnomalySpec(tuple(cfg.val_anomalies), tuple(cfg.val_severity), cfg.val_copies)
+
+
+def held_out_count(n_train: int, fraction: float, minimum: int) -> int:
+    """Normals to hold out of `n_train`: `fraction` of them, at least `minimum`, never more than half."""
+    if fraction <= 0:
+        return 0
+    return min(max(minimum, math.ceil(n_train * fraction)), n_train // 2)
 
 
 def _key(sample: Sample) -> str:
@@ -168,34 +191,39 @@ def load_mask(path: Path, image_size: tuple[int, int], size: int) -> torch.Tenso
 class ImageDataset(Dataset):
     """Rows -> `(image (3,S,S) in [0,1], mask (1,S,S), label)`.
 
-    With `synthetic_defects`, every row appears twice: as is (label 0) and with a generated defect
-    (label 1) — the leak-free validation set built from held-out normal images.
+    With `anomalies`, the rows are followed by `anomalies.copies` anomalous copies of each (label 1, the
+    generated mask; another row's image is the donor texture) — the leak-free validation set built from
+    held-out normal images. Deterministic in `seed`.
     """
 
-    def __init__(self, samples: list[Sample], size: int, synthetic_defects: bool = False, seed: int = 0):
+    def __init__(self, samples: list[Sample], size: int, anomalies: Optional[AnomalySpec] = None, seed: int = 0):
         self.samples = samples
         self.size = size
-        self.synthetic_defects = synthetic_defects
+        self.anomalies = anomalies
         self.seed = seed
 
     def __len__(self) -> int:
-        return len(self.samples) * (2 if self.synthetic_defects else 1)
+        return len(self.samples) * (1 + (self.anomalies.copies if self.anomalies else 0))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         sample = self.samples[index % len(self.samples)]
         image = load_rgb(sample.image)
         if index >= len(self.samples):
-            return self._with_defect(image, index)
+            return self._with_anomaly(image, index - len(self.samples))
         if sample.mask is None:
             mask = torch.zeros(1, self.size, self.size)
         else:
             mask = load_mask(sample.mask, image.size, self.size)
         return image_tensor(image, self.size), mask, sample.label
 
-    def _with_defect(self, image: Image.Image, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        rng = np.random.default_rng([self.seed, index])
-        resized = np.asarray(image.resize((self.size, self.size), Image.BILINEAR))
-        kinds = ("scratch", "spot", "hole")
-        defective, mask = make_defect(resized, kinds[index % len(kinds)], rng)
+    def _resized(self, image: Image.Image) -> np.ndarray:
+        return np.asarray(image.resize((self.size, self.size), Image.BILINEAR))
+
+    def _with_anomaly(self, image: Image.Image, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        n = len(self.samples)
+        donor = None
+        if n > 1:  # another held-out image, a different one for each copy
+            donor = self._resized(load_rgb(self.samples[(index % n + 1 + (index // n) % (n - 1)) % n].image))
+        defective, mask = validation_anomaly(self._resized(image), donor, self.anomalies, self.seed, index)
         tensor = torch.from_numpy(defective.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return tensor, torch.from_numpy(mask).unsqueeze(0).float(), 1

@@ -46,12 +46,41 @@ def protocol_for_metric(selection_metric: str) -> Protocol:
 
 def ranking_key(metrics: Mapping[str, float], protocol: Protocol, prefix: str = "") -> tuple[float, ...]:
     """Sort key (larger is better) over `protocol.ranking`, reading `prefix + name`; missing or NaN ranks last."""
+    return names_key(metrics, protocol.ranking, prefix)
+
+
+def names_key(metrics: Mapping[str, float], names: tuple[str, ...], prefix: str = "") -> tuple[float, ...]:
+    """Sort key (larger is better) over `names`, reading `prefix + name`; missing or NaN ranks last."""
     def value(name: str) -> float:
         v = metrics.get(prefix + name)
         return -math.inf if v is None or not math.isfinite(float(v)) else float(v)
 
-    return tuple(value(name) for name in protocol.ranking)
+    return tuple(value(name) for name in names)
+
+
+AUTO = "auto"  # `eval.selection_metric` / `eval.threshold`: leak-free when held-out normals exist, else the test set
+
+
+def resolve_selection(selection_metric: str, has_validation: bool) -> tuple[Protocol, tuple[str, ...]]:
+    """The protocol of a run's best-epoch choice and its ranking: the selection metric, then the same
+    protocol's other metrics as tie-breaks (a leak-free tie is never broken by a test metric)."""
+    metric = (LEAK_FREE.metric if has_validation else PAPER.metric) if selection_metric == AUTO else selection_metric
+    protocol = protocol_for_metric(metric)
+    if protocol is LEAK_FREE and not has_validation:
+        raise ValueError(f"eval.selection_metric={metric} needs held-out normals: a validation/good folder "
+                         "or data.val_fraction > 0 with enough train/good images")
+    return protocol, (metric, *(name for name in protocol.ranking if name != metric))
+
+
+def resolve_threshold(threshold: str, has_validation: bool, quantile: float) -> tuple[str, str]:
+    """(stored threshold kind, its source as tagged on the run, checkpoint and registered version)."""
+    kind = ("val_quantile" if has_validation else "f1") if threshold == AUTO else threshold
+    if kind == "val_quantile" and not has_validation:
+        raise ValueError("eval.threshold=val_quantile needs held-out normals (validation/good or data.val_fraction > 0)")
+    if kind == "val_quantile":
+        return kind, f"{LEAK_FREE.name}: quantile {quantile:g} of held-out normal scores"
+    return kind, f"{PAPER.name}: F1-max on test labels"
 
 
 __all__ = ["Protocol", "LEAK_FREE", "PAPER", "PROTOCOLS", "OBJECTIVES", "protocol_for_objective",
-           "protocol_for_metric", "ranking_key"]
+           "protocol_for_metric", "ranking_key", "names_key", "AUTO", "resolve_selection", "resolve_threshold"]

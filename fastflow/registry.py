@@ -67,6 +67,16 @@ def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     return list(client.search_model_versions(f"name = {quoted(name)}"))
 
 
+PROVENANCE_TAGS = ("selection_protocol", "threshold_source", "validation_source")
+
+
+def tag_version_provenance(client: MlflowClient, name: str, version: str, run) -> None:
+    """Copy how the run chose its epoch and stored threshold onto the registered version (idempotent)."""
+    for key in PROVENANCE_TAGS:
+        if key in run.data.tags:
+            client.set_model_version_tag(name, version, key, run.data.tags[key])
+
+
 def _version_for_run(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
     """The run's version: its lowest, when racing promoters registered it twice."""
     mine = [v for v in _versions(client, name) if v.run_id == run_id]
@@ -167,6 +177,7 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     version = register_once(client, name, run, metric)
     remove_twins(client, name)
     _describe(client, name, version.version, run, metric)  # idempotent: the same text for the same run
+    tag_version_provenance(client, name, version.version, run)
     previous = _champion(client, name)
     previous_value = float(previous.tags[f"best/{metric}"]) if previous and f"best/{metric}" in previous.tags else None
     if force:

@@ -12,6 +12,7 @@ non-zero naming the trial; the parent run ends only when the study has no runnin
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import signal
@@ -30,8 +31,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
-from .protocol import LEAK_FREE, PAPER, Protocol, protocol_for_objective, ranking_key
+from .protocol import LEAK_FREE, OBJECTIVES, PAPER, Protocol, protocol_for_metric, protocol_for_objective, ranking_key
 from .redact import redact
+from .selection import Fidelity, fidelity
 from .registry import Promotion, promote
 from .signals import install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
@@ -47,6 +49,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment"
 OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
 RETRY_ATTR = "retry_of"
+OBJECTIVE_ATTR = "objective"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 RANKED_METRICS = tuple(dict.fromkeys(PAPER.ranking + LEAK_FREE.ranking))  # stored on each trial (user attrs)
@@ -61,7 +64,7 @@ class SweepSettings:
     workers: int = 1
     study_name: str = ""
     timeout: Optional[float] = None
-    objective: str = "test"  # test (paper protocol) | val (leak-free)
+    objective: str = LEAK_FREE.objective  # val (leak-free, default) | test (paper protocol)
     storage: str = ""
     seed: int = 0
     experiment: str = "fastflow"
@@ -136,7 +139,7 @@ def close_dead_trial(study: optuna.Study, trial: FrozenTrial, metric: str, reaso
         if finished:
             metrics = finished[0].data.metrics
             storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", finished[0].info.run_id)
-            for key in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc", "epoch"):
+            for key in RANKED_METRICS + ("epoch",):
                 if f"best/{key}" in metrics:
                     storage.set_trial_user_attr(trial._trial_id, "best_epoch" if key == "epoch" else key,
                                                 int(metrics[f"best/{key}"]) if key == "epoch" else metrics[f"best/{key}"])
@@ -167,6 +170,16 @@ def close_orphaned_trials(study: optuna.Study, metric: str, owners: tuple[str, .
     return closed
 
 
+def _inferred_objective(study: optuna.Study) -> Optional[str]:
+    """The objective of a study from before it was stored: the one whose metric equals its trials' values."""
+    for trial in study.trials:
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            matches = [o for o in OBJECTIVES if trial.user_attrs.get(protocol_for_objective(o).metric) == trial.value]
+            if len(matches) == 1:
+                return matches[0]
+    return None
+
+
 def make_storage(settings: SweepSettings) -> RDBStorage:
     return RDBStorage(settings.storage_url(), heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
                       heartbeat_stale_trial_callback=_mark_stale_run_failed)
@@ -193,9 +206,25 @@ def _create_or_load(settings: SweepSettings, space: SearchSpace) -> tuple[optuna
     """(study, created by this call) — the database's unique study name decides who created it."""
     kwargs = dict(study_name=settings.resolved_study_name(), storage=make_storage(settings))
     try:
-        return optuna.create_study(direction="maximize", pruner=make_pruner(space.pruner), **kwargs), True
+        study = optuna.create_study(direction="maximize", pruner=make_pruner(space.pruner), **kwargs)
+        study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
+        return study, True
     except optuna.exceptions.DuplicatedStudyError:
-        return optuna.load_study(pruner=make_pruner(space.pruner), **kwargs), False
+        study = optuna.load_study(pruner=make_pruner(space.pruner), **kwargs)
+        check_objective(study, settings)
+        return study, False
+
+
+def check_objective(study: optuna.Study, settings: SweepSettings) -> None:
+    """The objective is part of a study's identity: values of two objectives are not comparable."""
+    stored = study.user_attrs.get(OBJECTIVE_ATTR) or _inferred_objective(study)
+    if stored is None:  # a study from before the objective was stored, with no complete trial: adopt this one
+        study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
+    elif stored != settings.objective:
+        raise ValueError(f"study '{study.study_name}' optimizes --objective {stored} "
+                         f"({protocol_for_objective(stored).label}); it cannot be resumed with --objective "
+                         f"{settings.objective}. Resume it with --objective {stored}, or start another study "
+                         f"with --study <new name>")
 
 
 def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float = 120.0) -> str:
@@ -221,17 +250,20 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr(OWNER_ATTR, process_identity())
         sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
-        forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment}
-        if settings.protocol is LEAK_FREE:
-            forced["eval.selection_metric"] = settings.metric
+        forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment,
+                  "eval.selection_metric": settings.metric}
         cfg = with_overrides(space.trial_config(sampled, settings.category, settings.root), nested(forced))
         tags = {"trial_number": trial.number, "study": settings.resolved_study_name(),
                 **{f"sampled.{k}": v for k, v in sampled.items()}}
         with start_run(cfg, run_name=f"trial-{trial.number:03d}", parent_run_id=parent_run_id, tags=tags) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
 
+            running_best = [float("-inf")]
+
             def report(epoch: int, metrics: dict[str, float]) -> None:
-                trial.report(metrics[f"eval/{settings.metric}"], epoch)
+                # the pruner sees what the objective returns: the best so far, so a one-epoch dip prunes nothing
+                running_best[0] = max(running_best[0], metrics[f"eval/{settings.metric}"])
+                trial.report(running_best[0], epoch)
                 if epoch < cfg.train.epochs and trial.should_prune():  # never discard a finished training
                     tracker.set_tags({"pruned": "true", "pruned_at_epoch": epoch,  # the run name shows it too
                                       "mlflow.runName": f"trial-{trial.number:03d}-pruned"})
@@ -272,6 +304,7 @@ class SweepResult:
     best_trial: Optional[FrozenTrial]
     counts: dict[str, int]
     promotion: Optional[Promotion] = None
+    fidelity: Optional[Fidelity] = None  # validation vs test image AUROC across the complete trials
 
 
 class WorkerDiedError(RuntimeError):
@@ -301,18 +334,20 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         died = close_orphaned_trials(study, settings.metric)
         optuna.storages.fail_stale_trials(study)
         status = "FAILED" if dead and status == "FINISHED" else status
-        _finish_parent_if_idle(study, settings, parent_run_id, status)
+        study_fidelity = trial_fidelity(study, settings.protocol)
+        _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity)
     if dead:
         raise WorkerDiedError(_death_message(dead, died))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
-                         _counts(study))
+                         _counts(study), fidelity=study_fidelity)
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
     return result
 
 
-def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_run_id: str, status: str) -> None:
+def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_run_id: str, status: str,
+                           study_fidelity: Optional[Fidelity] = None) -> None:
     """Attach figures, study page and best metrics and end the parent run, unless a trial still runs
     (another machine's worker ends it when it finishes)."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
@@ -326,7 +361,8 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
     except Exception as error:  # the page is a view: never leave the parent run RUNNING over it
         log.warning("no study page: %s: %s", type(error).__name__, error)
         page = ""
-    finish_parent_run(parent_run_id, figures, _best_metrics(study, settings.protocol), status, page)
+    metrics = {**_best_metrics(study, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
+    finish_parent_run(parent_run_id, figures, metrics, status, page)
 
 
 def _death_message(dead: list[tuple[int, str, int]], closed: list[FrozenTrial]) -> str:
@@ -386,6 +422,18 @@ def best_trial(study: optuna.Study, protocol: Protocol) -> Optional[FrozenTrial]
     """The best complete trial by `protocol.ranking`; among exact ties the earliest."""
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     return max(complete, key=lambda t: trial_rank(t, protocol)) if complete else None
+
+
+def trial_fidelity(study: optuna.Study, protocol: Protocol) -> Optional[Fidelity]:
+    """Validation vs test image AUROC (each at its trial's selected epoch) across the complete trials;
+    the selected trial is the study's best. None when the trials have no validation score."""
+    best = best_trial(study, protocol)
+    rows = [t for t in study.trials if t.state == TrialState.COMPLETE
+            and "val_image_auroc" in t.user_attrs and "image_auroc" in t.user_attrs]
+    if best is None or best not in rows:
+        return None
+    return fidelity([t.user_attrs["val_image_auroc"] for t in rows], [t.user_attrs["image_auroc"] for t in rows],
+                    rows.index(best))
 
 
 def study_figures(study: optuna.Study, protocol: Protocol) -> dict:
@@ -450,7 +498,8 @@ def summary_table(result: SweepResult, category: str, metric: str) -> str:
     best = result.best_trial
     if best is None:
         return "\n".join(lines + ["no trial completed"])
-    lines.append(f"best trial #{best.number} ({metric} = {best.value:.4f}, epoch {best.user_attrs.get('best_epoch')})")
+    lines.append(f"best trial #{best.number} ({metric} = {best.value:.4f}, epoch {best.user_attrs.get('best_epoch')}); "
+                 f"selection: {protocol_for_metric(metric).label}")
     lines += [f"  {name:<24} {value}" for name, value in best.params.items()]
     paper = paper_numbers(category)
     lines.append(f"  {'':<24} {'ours':>8} {'paper':>8}")
@@ -459,6 +508,20 @@ def summary_table(result: SweepResult, category: str, metric: str) -> str:
         theirs = paper.get(key) if paper else None
         lines.append(f"  {key:<24} {ours if ours is None else f'{ours:.4f}':>8} "
                      f"{'-' if theirs is None else f'{theirs:.3f}':>8}")
+    for key in ("val_image_auroc", "val_pixel_auroc", "val_aupro"):
+        if key in best.user_attrs:
+            lines.append(f"  {key:<24} {best.user_attrs[key]:>8.4f} {'-':>8}")
+    lines.append("  (ours: test set at the selected epoch; val_*: held-out normals + synthetic anomalies)")
     if paper:
         lines.append("  (paper: CaiT per-category numbers, test-set selection)")
+    lines.append(fidelity_line(result.fidelity, "complete trials"))
     return "\n".join(lines)
+
+
+def fidelity_line(figures: Optional[Fidelity], over: str) -> str:
+    """How far the selection can be trusted, in words and numbers, for the terminal."""
+    if figures is None:
+        return "selection fidelity: n/a (no validation score: no held-out normals)"
+    rho = "n/a (fewer than 3 points or a constant score)" if math.isnan(figures.spearman) else f"{figures.spearman:+.2f}"
+    return (f"selection fidelity over {figures.points} {over}: Spearman(val, test image AUROC) {rho}; "
+            f"optimism {figures.optimism:.4f} (test AUROC of the test-best minus the chosen)")

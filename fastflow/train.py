@@ -22,16 +22,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import RunConfig, flatten, to_dict
-from .data import ImageDataset, Splits, content_hash, make_splits
+from .data import ImageDataset, Splits, anomaly_spec, content_hash, make_splits
 from .ema import ema_decay, make_ema
 from .evaluate import evaluate_split, heatmap_indices, held_out_stats, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
-from .model import FastFlow, count_parameters
 from .metrics import NonFiniteError
-from .protocol import protocol_for_metric
+from .model import FastFlow, count_parameters
+from .protocol import names_key, resolve_selection, resolve_threshold
 from .redact import redact_values
 from .scoring import NormalStats, needs_stats
+from .selection import Fidelity, fidelity
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,9 @@ class TrainResult:
     seconds_per_epoch: float = 0.0
     inference_images_per_s: float = 0.0
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
+    selection_protocol: str = ""  # Protocol.label of the best-epoch choice
+    threshold_source: str = ""
+    fidelity: Optional[Fidelity] = None  # validation vs test across evaluated epochs (None without held-out normals)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -98,15 +102,15 @@ def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch
     cache = FeatureCache(Path(t.cache_dir), int(t.cache_max_gb * 1e9)) if t.feature_cache == "disk" else None
     dtype = getattr(torch, t.cache_dtype)
 
-    def run(samples, split_name, synthetic_defects=False):
-        dataset = ImageDataset(samples, size, synthetic_defects, seed=t.seed)
-        defects = f"defects=seed{t.seed}" if synthetic_defects else ""  # the generated defects depend on the seed
+    def run(samples, split_name, anomalies=None):
+        dataset = ImageDataset(samples, size, anomalies, seed=t.seed)
+        defects = f"anomalies={anomalies.cache_tag()}-seed{t.seed}" if anomalies else ""  # generated per seed
         key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects)
         return encode_cached(model, dataset, key, cache, cfg.eval.batch_size, device, cfg.data.num_workers,
                              dtype, split_name)
 
     train = run(splits.train, "train") if t.feature_cache != "off" else None
-    validation = run(splits.validation, "validation", synthetic_defects=True) if splits.validation else None
+    validation = run(splits.validation, "validation", anomaly_spec(cfg.data)) if splits.validation else None
     return Encoded(train, validation, run(splits.test, "test"))
 
 
@@ -201,9 +205,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
-    if cfg.eval.selection_metric == "val_image_auroc" and not splits.validation:
-        raise ValueError("eval.selection_metric=val_image_auroc needs held-out normals: a validation/good folder "
-                         "or data.val_fraction > 0")
+    protocol, ranking = resolve_selection(cfg.eval.selection_metric, bool(splits.validation))
+    _, threshold_source = resolve_threshold(cfg.eval.threshold, bool(splits.validation), cfg.eval.val_quantile)
     if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:
         raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.score_norm={cfg.model.score_norm} / "
                          f"model.image_score={cfg.model.image_score} need statistics of held-out normals: "
@@ -222,7 +225,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
                           "data_root": str(Path(cfg.data.root).resolve()),
                           "data_hash": data_hash,
-                          "selection_protocol": protocol_for_metric(cfg.eval.selection_metric).label,
+                          "selection_protocol": protocol.label, "selection_metric": ranking[0],
+                          "validation_source": splits.validation_source, "threshold_source": threshold_source,
                           "flow_parameters": str(flow_parameters)})
         tracker.log_dataset(cfg.data.category, data_hash, str(Path(cfg.data.root).resolve()),
                             {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
@@ -234,8 +238,9 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
-    result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters)
-    best_value, train_seconds = -math.inf, 0.0
+    result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
+                         selection_protocol=protocol.label, threshold_source=threshold_source)
+    best_key, train_seconds = None, 0.0
     for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):
         start = time.perf_counter()
         loss, seen = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator),
@@ -254,14 +259,13 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                 other = "raw" if cfg.eval.weights == "ema" else "ema"
                 metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg, device))
             if encoded.validation is not None:
-                validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, pixel_metrics=False,
-                                              stats=stats)
-                metrics["eval/val_image_auroc"] = validation.metrics["image_auroc"]
+                validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, stats=stats)
+                metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
                 metrics["eval/val_loss"] = validation.loss
             metrics["eval/images_per_s"] = evaluation.images_per_s
-            value = metrics[f"eval/{cfg.eval.selection_metric}"]
-            if value > best_value:
-                best_value = value
+            key = names_key(metrics, ranking, "eval/")
+            if best_key is None or key > best_key:  # ties keep the earlier epoch
+                best_key = key
                 result.best_epoch, result.best_metrics = epoch, dict(metrics)
                 result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation,
                                                     validation if encoded.validation is not None else None, stats)
@@ -272,8 +276,11 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         result.history.append({"epoch": epoch, **metrics})
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch)
-        if on_evaluation is not None and f"eval/{cfg.eval.selection_metric}" in metrics:
+        if on_evaluation is not None and f"eval/{ranking[0]}" in metrics:
             on_evaluation(epoch, metrics)
+    result.fidelity = epoch_fidelity(result.history, result.best_epoch)
+    if tracker is not None and result.fidelity is not None:
+        tracker.log_metrics(result.fidelity.metrics(), step=result.best_epoch)
     result.seconds_per_epoch = train_seconds / cfg.train.epochs
     result.inference_images_per_s = measure_inference(net, splits.test, cfg, device, stats=stats)
     result.peak_memory_mb = peak_memory_mb(device)
@@ -310,17 +317,30 @@ def other_weights_metrics(model: FastFlow, name: str, encoded: Encoded, cfg: Run
                                                                        "val_image_auroc")}
 
 
+def epoch_fidelity(history: list[dict[str, float]], best_epoch: int) -> Optional[Fidelity]:
+    """Validation vs test image AUROC over the evaluated epochs (the chosen one: `best_epoch`)."""
+    rows = [h for h in history if "eval/val_image_auroc" in h and "eval/image_auroc" in h]
+    epochs = [h["epoch"] for h in rows]
+    if not rows or best_epoch not in epochs:
+        return None
+    return fidelity([h["eval/val_image_auroc"] for h in rows], [h["eval/image_auroc"] for h in rows],
+                    epochs.index(best_epoch))
+
+
 def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation,
                     stats: Optional[NormalStats] = None) -> dict:
-    """Everything `predict` needs without the YAML: config, weights, thresholds, score range, and the
+    """Everything `predict` needs without the YAML: config, weights, thresholds (and the stored one's source),
+    score range (from the validation set when there is one, so nothing of the test set is stored), and the
     held-out normal statistics the scores were standardised with."""
     thresholds = {"f1": evaluation.metrics["f1_threshold"]}
     if validation is not None:
         thresholds["val_quantile"] = float(np.quantile(validation.normal_scores(), cfg.eval.val_quantile))
+    kind, source = resolve_threshold(cfg.eval.threshold, validation is not None, cfg.eval.val_quantile)
+    scores = validation.scores if validation is not None else evaluation.scores
     return {"config": redact_values(to_dict(cfg)), "state_dict": trainable_state(model), "epoch": epoch,
             "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds,
-            "threshold_kind": cfg.eval.threshold if cfg.eval.threshold in thresholds else "f1",
-            "score_range": [float(evaluation.scores.min()), float(evaluation.scores.max())],
+            "threshold_kind": kind, "threshold_source": source,
+            "score_range": [float(scores.min()), float(scores.max())],
             "normal_stats": stats.to_dict() if stats is not None else None, "format": 1}
 
 

@@ -12,13 +12,16 @@ import torch
 from PIL import Image
 
 from fastflow.config import DataConfig
-from fastflow.data import ImageDataset, Sample, category_dir, content_hash, list_test, load_rgb, make_splits
+from fastflow.anomalies import ANOMALY_TYPES, AnomalySpec
+from fastflow.data import (ImageDataset, Sample, category_dir, content_hash, held_out_count, list_test, load_rgb,
+                           make_splits)
 
 from conftest import TINY_CATEGORY, TINY_DEFECT, TINY_SIZE
 
 
 def _cfg(folder: Path, **kwargs) -> DataConfig:
-    return DataConfig(root=str(folder.parent), category=folder.name, **kwargs)
+    """Listing tests see every train/good image unless they ask for a hold-out (the default holds 10 % out)."""
+    return DataConfig(root=str(folder.parent), category=folder.name, **{"val_fraction": 0.0, **kwargs})
 
 
 def test_listing_is_sorted_labelled_and_paired(tiny_mvtec: Path) -> None:
@@ -167,18 +170,35 @@ def test_validation_folder_is_used(tiny_mvtec: Path) -> None:
     splits = make_splits(_cfg(tiny_mvtec, val_fraction=0.5))  # the folder wins over the fraction
     assert [s.image for s in splits.validation] == [validation / "000.png", validation / "001.png"]
     assert len(splits.train) == 4
+    assert splits.validation_source == "validation/good (2 images)"
 
 
 def test_validation_from_val_fraction(tiny_mvtec: Path) -> None:
-    all_train = make_splits(_cfg(tiny_mvtec)).train
+    all_train = make_splits(_cfg(tiny_mvtec, val_fraction=0.0)).train
+    assert len(all_train) == 4
     splits = make_splits(_cfg(tiny_mvtec, val_fraction=0.5), seed=3)
     assert len(splits.validation) == 2 and len(splits.train) == 2
     assert set(splits.train).isdisjoint(splits.validation)
     assert sorted(splits.train + splits.validation, key=lambda s: str(s.image)) == all_train
     assert splits.train == sorted(splits.train, key=lambda s: str(s.image))
     assert make_splits(_cfg(tiny_mvtec, val_fraction=0.5), seed=3) == splits  # deterministic in the seed
+    assert "held out 2 of 4 train/good images" in splits.validation_source and "seed 3" in splits.validation_source
     # a small fraction still holds out one image
-    assert len(make_splits(_cfg(tiny_mvtec, val_fraction=0.01)).validation) == 1
+    assert len(make_splits(_cfg(tiny_mvtec, val_fraction=0.01, val_min_images=1)).validation) == 1
+
+
+def test_normals_are_held_out_by_default(tiny_mvtec: Path) -> None:
+    """No validation/good: 10 % of train/good, at least data.val_min_images, at most half, is held out."""
+    for i in range(4, 40):  # 40 training images
+        shutil.copy(tiny_mvtec / "train" / "good" / "000.png", tiny_mvtec / "train" / "good" / f"{i:03d}.png")
+    splits = make_splits(DataConfig(root=str(tiny_mvtec.parent), category=tiny_mvtec.name))  # the defaults
+    assert len(splits.validation) == 10 and len(splits.train) == 30  # the minimum count wins over 10 %
+    assert set(splits.train).isdisjoint(splits.validation)
+    assert splits.validation_source.startswith("held out 10 of 40 train/good images (data.val_fraction=0.1")
+    assert held_out_count(210, 0.1, 10) == 21 and held_out_count(12, 0.1, 10) == 6 and held_out_count(1, 0.1, 10) == 0
+    assert held_out_count(210, 0.0, 10) == 0
+    none = make_splits(_cfg(tiny_mvtec, val_fraction=0.0))
+    assert none.validation == [] and len(none.train) == 40 and none.validation_source.startswith("none")
 
 
 def test_max_train_images_subsamples(tiny_mvtec: Path) -> None:
@@ -201,23 +221,26 @@ def test_content_hash_follows_bytes(tiny_mvtec: Path) -> None:
 
 
 def test_synthetic_defect_validation_rows(tiny_mvtec: Path) -> None:
-    samples = make_splits(_cfg(tiny_mvtec)).train
+    samples = make_splits(_cfg(tiny_mvtec, val_fraction=0.0)).train
     plain = ImageDataset(samples, TINY_SIZE)
-    dataset = ImageDataset(samples, TINY_SIZE, synthetic_defects=True, seed=0)
+    spec = AnomalySpec(copies=2)
+    dataset = ImageDataset(samples, TINY_SIZE, spec, seed=0)
     n = len(samples)
-    assert len(dataset) == 2 * n
+    assert len(dataset) == 3 * n
     for i in range(n):
         image, mask, label = dataset[i]
         assert label == 0 and mask.sum() == 0
         assert torch.equal(image, plain[i][0])
-    for i in range(n, 2 * n):
+    for i in range(n, 3 * n):
         image, mask, label = dataset[i]
         assert label == 1
         assert image.shape == (3, TINY_SIZE, TINY_SIZE) and mask.shape == (1, TINY_SIZE, TINY_SIZE)
         assert 0 < mask.sum() < TINY_SIZE**2
         assert 0.0 <= image.min() and image.max() <= 1.0
-        changed = (image - plain[i - n][0]).abs().amax(dim=0) > 0
+        changed = (image - plain[i % n][0]).abs().amax(dim=0) > 0
         assert changed[mask[0] > 0].float().mean() > 0.5  # the defect is painted where the mask says
         assert not changed[mask[0] == 0].any()  # and nowhere else
-    # reproducible in the seed
-    assert torch.equal(dataset[n][0], ImageDataset(samples, TINY_SIZE, True, seed=0)[n][0])
+    # every type appears once over the 2 x 4 anomalous copies (cycled), reproducible in the seed
+    assert len(ANOMALY_TYPES) <= 2 * n
+    assert torch.equal(dataset[n][0], ImageDataset(samples, TINY_SIZE, spec, seed=0)[n][0])
+    assert not torch.equal(dataset[n][0], ImageDataset(samples, TINY_SIZE, spec, seed=1)[n][0])

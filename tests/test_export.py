@@ -59,7 +59,7 @@ def test_onnx_matches_pytorch_on_two_batch_sizes(checkpoint: Path, tmp_path: Pat
     onnx.checker.check_model(graph)
     assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     meta = {p.key: p.value for p in graph.metadata_props}
-    assert meta["input_size"] == "64" and "f1" in meta["thresholds"] and meta["threshold_kind"] == "f1"
+    assert meta["input_size"] == "64" and "f1" in meta["thresholds"] and meta["threshold_kind"] == "val_quantile"
 
 
 def test_onnx_nll_map_and_topk_score(checkpoint: Path, tmp_path: Path) -> None:

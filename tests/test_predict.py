@@ -90,7 +90,7 @@ def test_predict_registered_champion_on_mixed_folder(trained, mixed_folder, capl
     assert [r["image"] for r in table] == [row.image for row in rows]
     summary = json.loads((out / "results.json").read_text())
     assert sorted(Path(p).name for p in summary["skipped"]) == ["broken.png", "notes.txt"]
-    assert summary["threshold_kind"] == "f1" and len(summary["images"]) == len(rows)
+    assert summary["threshold_kind"] == "val_quantile" and len(summary["images"]) == len(rows)  # leak-free default
 
     predictor = Predictor.from_file(trained.checkpoint)
     for name, row in by_name.items():
@@ -105,7 +105,7 @@ def test_predict_registered_champion_on_mixed_folder(trained, mixed_folder, capl
         assert row.is_anomalous == bool(pixels.any())
         assert row.is_anomalous == (row.score > row.threshold)
         assert 0.0 <= row.normalized_score <= 1.0
-        assert row.threshold == pytest.approx(predictor.thresholds["f1"])
+        assert row.threshold == pytest.approx(predictor.thresholds["val_quantile"])
     csv_row = next(r for r in table if r["image"].endswith("spot_rgba.png"))
     assert float(csv_row["score"]) == pytest.approx(by_name["spot_rgba.png"].score, rel=1e-6)
     # the synthetic spot is scored above the good picture it was not made from
@@ -115,12 +115,12 @@ def test_predict_registered_champion_on_mixed_folder(trained, mixed_folder, capl
 def test_predict_from_checkpoint_and_run_id_agree(trained, mixed_folder) -> None:
     folder, _ = mixed_folder
     registered = predict("models:/fastflow-synthetic@champion", str(folder), trained.tmp / "out-a")
-    from_file = predict(str(trained.checkpoint), str(folder), trained.tmp / "out-b", threshold="val_quantile")
+    from_file = predict(str(trained.checkpoint), str(folder), trained.tmp / "out-b", threshold="f1")
     from_run = predict(trained.run_id, str(folder / "*.png"), trained.tmp / "out-c")
     scores = {row.image: row.score for row in registered}
     for row in from_file:
         assert row.score == pytest.approx(scores[row.image], abs=1e-5)
-        assert row.threshold_kind == "val_quantile"
+        assert row.threshold_kind == "f1"
         assert row.is_anomalous == (row.score > row.threshold)
     assert {Path(row.image).name for row in from_run} == {"spot_rgba.png", "spot16.png"}  # the glob, broken.png skipped
     for row in from_run:

@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from fastflow import cli
 from fastflow.paper import CAIT_PER_CATEGORY
+from fastflow.protocol import LEAK_FREE, PAPER
 from fastflow.report import write_report
 
 EXPERIMENT = "report-tests"
@@ -105,5 +106,46 @@ def test_report_errors_and_cli(store, tmp_path: Path, capsys) -> None:
     with pytest.raises(LookupError, match="experiment 'empty'"):
         write_report("empty", tmp_path)
     assert cli.main(["report", "--experiment", EXPERIMENT, "--out", str(tmp_path / "cli")]) == 0
-    assert "4 (category, backbone) rows" in capsys.readouterr().out
+    assert "4 rows (best run per category, backbone and selection protocol)" in capsys.readouterr().out
     assert (tmp_path / "cli" / "paper_gap.html").is_file()
+
+
+def test_each_row_is_chosen_by_its_own_protocol(store, tmp_path: Path) -> None:
+    """A leak-free tie on validation image AUROC is broken by validation pixel AUROC, never by a test metric;
+    test-set rows rank by test metrics; both rows are shown, with fidelity figures, and so are studies."""
+    client = MlflowClient()
+    experiment_id = client.create_experiment("report-protocols", artifact_location=(tmp_path / "a").as_uri())
+
+    def run(tags: dict, metrics: dict) -> str:
+        created = client.create_run(experiment_id, tags={"category": "bottle", "backbone": "resnet18", **tags})
+        for key, value in metrics.items():
+            client.log_metric(created.info.run_id, key, value)
+        client.set_terminated(created.info.run_id, "FINISHED")
+        return created.info.run_id
+
+    leak_free = {"selection_metric": "val_image_auroc", "selection_protocol": LEAK_FREE.label}
+    paper = {"selection_metric": "image_auroc", "selection_protocol": PAPER.label}
+    run(leak_free, {"best/val_image_auroc": 1.0, "best/val_pixel_auroc": 0.90, "best/image_auroc": 0.99})
+    chosen_lf = run(leak_free, {"best/val_image_auroc": 1.0, "best/val_pixel_auroc": 0.95, "best/image_auroc": 0.80,
+                                "fidelity/spearman": 0.6, "fidelity/optimism": 0.05, "fidelity/points": 10})
+    run(leak_free, {"best/val_image_auroc": 0.9, "best/val_pixel_auroc": 0.99, "best/image_auroc": 1.0})
+    run(paper, {"best/image_auroc": 0.97, "best/pixel_auroc": 0.99, "best/val_image_auroc": 1.0})
+    chosen_paper = run(paper, {"best/image_auroc": 0.98, "best/pixel_auroc": 0.90, "best/val_image_auroc": 0.7})
+    study = client.create_run(experiment_id, run_name="fastflow-bottle-demo",
+                              tags={"role": "study", "study": "fastflow-bottle-demo", "category": "bottle",
+                                    "selection_protocol": LEAK_FREE.label})
+    for key, value in (("fidelity/spearman", 0.55), ("fidelity/optimism", 0.02), ("fidelity/points", 8)):
+        client.log_metric(study.info.run_id, key, value)
+    client.set_terminated(study.info.run_id, "FINISHED")
+
+    result = write_report("report-protocols", tmp_path / "protocols", log_to_mlflow=False)
+    assert {(r.protocol, r.run_id) for r in result.rows} == {("leak-free", chosen_lf), ("test-set", chosen_paper)}
+    row = next(r for r in result.rows if r.protocol == "leak-free")
+    assert row.ours["image_auroc"] == 0.80 and row.validation["val_pixel_auroc"] == 0.95
+    assert row.fidelity == {"spearman": 0.6, "optimism": 0.05, "points": 10}
+    markdown = (tmp_path / "protocols" / "paper_gap.md").read_text()
+    assert "| bottle | resnet18 | 0.800 | 1.000 | 1.000 | -0.200 |" in markdown
+    assert "| 1.000 | 0.950 | +0.600 | 0.050 | - | leak-free |" in markdown
+    assert "| bottle | resnet18 | 0.980 |" in markdown and "| test-set |" in markdown
+    assert "## Studies: selection fidelity" in markdown
+    assert f"| fastflow-bottle-demo | bottle | {LEAK_FREE.label} | 8 | +0.550 | 0.020 |" in markdown

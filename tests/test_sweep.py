@@ -17,7 +17,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from fastflow import cli
 from fastflow.config import ConfigError
+from fastflow.protocol import LEAK_FREE
 from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.space import load_space
 from fastflow.protocol import PAPER
@@ -152,7 +154,22 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     import numpy as np
     output = loaded.predict(np.zeros((1, 50, 70, 3), np.uint8))
     assert output["scores"].shape == (1,) and output["anomaly_maps"].shape == (1, 64, 64)
-    assert "image_auroc" in summary_table(result, "synthetic", "image_auroc")
+    summary = summary_table(result, "synthetic", settings.metric)
+    assert settings.objective == "val" and "selection: leak-free" in summary and "image_auroc" in summary
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    for trial in study.trials:  # the pruner saw the running best of what the objective returns
+        reported = [trial.intermediate_values[step] for step in sorted(trial.intermediate_values)]
+        assert reported == sorted(reported)
+        if trial.state == TrialState.COMPLETE:
+            assert reported[-1] == trial.value == trial.user_attrs["val_image_auroc"]
+    assert parent.data.tags["selection_protocol"] == LEAK_FREE.label
+    parent_metrics = client.get_run(result.parent_run_id).data.metrics
+    assert parent_metrics["fidelity/points"] == len(complete) == result.fidelity.points
+    best_test = max(t.user_attrs["image_auroc"] for t in complete)
+    assert parent_metrics["fidelity/optimism"] == pytest.approx(best_test - best.user_attrs["image_auroc"])
+    assert f"selection fidelity over {len(complete)} complete trials" in summary
+    assert champion.tags["selection_protocol"] == LEAK_FREE.label
+    assert champion.tags["threshold_source"] == "leak-free: quantile 0.99 of held-out normal scores"
 
     # re-running the same command resumes the study: more trials, same parent run
     again = run_sweep(SweepSettings(**{**settings.__dict__, "trials": 1, "workers": 1}))
@@ -200,6 +217,25 @@ def test_killed_worker_trial_fails_and_is_retried(stores, synthetic_root):
     assert MlflowClient().get_run(running.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     retried = trials[1]
     assert retried.state == TrialState.COMPLETE and retried.params == trials[0].params
+
+
+def test_objective_is_part_of_the_study(stores, synthetic_root, capsys):
+    tmp = stores["tmp"]
+    space = write_space(tmp)
+    run_sweep(settings_for(tmp, space, synthetic_root, trials=0, objective="val"))
+    with pytest.raises(ValueError, match="optimizes --objective val .*cannot be resumed with --objective test"):
+        run_sweep(settings_for(tmp, space, synthetic_root, trials=0, objective="test"))
+    command = ["sweep", "--space", str(space), "--root", str(synthetic_root), "--trials", "0", "--objective", "test"]
+    assert cli.main(command) == 2
+    assert "--study <new name>" in capsys.readouterr().err
+    other = run_sweep(settings_for(tmp, space, synthetic_root, trials=0, objective="test", study_name="paper-protocol"))
+    study = optuna.load_study(study_name=other.study_name, storage=os.environ["OPTUNA_STORAGE"])
+    assert study.user_attrs["objective"] == "test"
+    # a study from before the objective was stored: inferred from its trials (the old default was test)
+    old = optuna.create_study(study_name="old-study", storage=os.environ["OPTUNA_STORAGE"], direction="maximize")
+    old.add_trial(optuna.trial.create_trial(value=0.7, user_attrs={"image_auroc": 0.7, "val_image_auroc": 0.9}))
+    with pytest.raises(ValueError, match="'old-study' optimizes --objective test"):
+        run_sweep(settings_for(tmp, space, synthetic_root, trials=0, objective="val", study_name="old-study"))
 
 
 def test_promote_moves_champion_only_on_improvement(stores, synthetic_root):

