@@ -10,10 +10,6 @@ from typing import Mapping
 
 from .protocol import LEAK_FREE, PAPER, protocol_for_metric
 
-THRESHOLD_SOURCES = {
-    "f1": "F1-max threshold on the test set (uses test labels: paper protocol)",
-    "val_quantile": "quantile of the held-out normal images' scores (leak-free)",
-}
 KEY_METRICS = (*PAPER.ranking, *LEAK_FREE.ranking, "epoch")
 
 
@@ -49,7 +45,7 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
         f"- ranked by: {protocol.label}: " + " > ".join(f"`{name}`" for name in protocol.ranking)
         + " (later ones break ties)",
         f"- best epoch chosen by: {tags.get('selection_protocol', '?')}",
-        f"- threshold: {tags['threshold']} ({kind}: {THRESHOLD_SOURCES.get(kind, 'unknown source')})"
+        f"- threshold: {tags['threshold']} ({kind}: {tags.get('threshold_source', 'source not recorded')})"
         if "threshold" in tags else "- threshold: not recorded",
         "",
         "| metric (best epoch) | value | protocol |",
@@ -63,4 +59,4 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
     return "\n".join(lines)
 
 
-__all__ = ["registered_model_description", "version_description", "THRESHOLD_SOURCES"]
+__all__ = ["registered_model_description", "version_description"]

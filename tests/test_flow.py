@@ -161,8 +161,9 @@ def test_image_score_max_and_topk() -> None:
     assert torch.allclose(top5, torch.tensor([3.0, 7.0 / 5]))
     assert torch.allclose(image_score(maps, "topk", topk_fraction=0.001), torch.tensor([5.0, 7.0]))  # k >= 1
     assert torch.allclose(image_score(maps, "topk", topk_fraction=1.0), maps.flatten(1).mean(1))
+    assert torch.allclose(image_score(maps, "mean"), torch.tensor([15.0 / 100, 7.0 / 100]))
     with pytest.raises(ValueError, match="unknown image score"):
-        image_score(maps, "mean")
+        image_score(maps, "median")
 
 
 def test_fastflow_forward_shapes() -> None:

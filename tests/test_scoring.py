@@ -200,10 +200,12 @@ def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_r
     assert (stored is not None) == uses_stats
     if cfg.train.ema_halflife > 0:  # the unselected (raw) weights are logged alongside
         assert all(0.0 <= row["eval/raw_image_auroc"] <= 1.0 for row in result.history)
-    # the Predictor rebuilt from the checkpoint reproduces the scores evaluation saw on the test images
-    from fastflow.data import ImageDataset, make_splits
-    test = make_splits(cfg.data).test
-    images = torch.stack([ImageDataset(test, cfg.model.input_size)[i][0] for i in range(len(test))])
+    # the Predictor rebuilt from the checkpoint reproduces the scores evaluation saw on the validation images
+    # (held-out normals + their synthetic anomalies, built as training built them; the stored range comes from them)
+    from fastflow.data import ImageDataset, anomaly_spec, make_splits
+    validation = make_splits(cfg.data, seed=cfg.train.seed).validation
+    dataset = ImageDataset(validation, cfg.model.input_size, anomaly_spec(cfg.data), seed=cfg.train.seed)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     predictor = Predictor(result.checkpoint)
     predictions = predictor.predict_tensor(images)
     scores = predictions.scores
@@ -233,7 +235,7 @@ def test_options_that_need_held_out_normals_say_so(make_config, tiny_mvtec: Path
     with pytest.raises(ConfigError, match="eval.weights='ema' is invalid"):
         make_config("eval.weights=ema")
     cfg = make_config(*REAL, f"data.root={tiny_mvtec.parent}", f"data.category={tiny_mvtec.name}",
-                      "model.map_norm=scale")
+                      "data.val_fraction=0", "model.map_norm=scale")  # no validation/good, nothing held out
     with pytest.raises(ValueError, match="model.map_norm=scale .* held-out normals"):
         train_and_evaluate(cfg)
     state = train_and_evaluate(make_config(*REAL, "train.epochs=1")).checkpoint

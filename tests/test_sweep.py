@@ -19,11 +19,10 @@ from optuna.trial import TrialState
 
 from fastflow import cli
 from fastflow.config import ConfigError
-from fastflow.protocol import LEAK_FREE
+from fastflow.protocol import LEAK_FREE, PAPER
 from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.space import load_space
-from fastflow.protocol import PAPER
-from fastflow.sweep import SweepSettings, run_sweep, summary_table, trial_rank
+from fastflow.sweep import SweepSettings, objective_name, run_sweep, summary_table, trial_rank
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -123,7 +122,8 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
         else:
             assert run.info.status == "KILLED" and run.data.tags["pruned"] == "true"
             assert run.info.run_name == f"trial-{trial.number:03d}-pruned"  # visible in the runs table
-    assert study.metric_names == ["image_auroc (test set (paper protocol))"]  # optuna-dashboard's objective name
+    assert study.metric_names == [objective_name(LEAK_FREE)]  # optuna-dashboard's objective name (default: leak-free)
+    assert study.metric_names == ["val_image_auroc (leak-free (held-out normals + synthetic anomalies))"]
 
     # the study page on the parent run: every trial, best first by the protocol's rule, linked to its run
     page = mlflow.artifacts.load_text(f"runs:/{result.parent_run_id}/study.html")
@@ -146,7 +146,7 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     best_run = client.get_run(champion.run_id)
     assert "models:/fastflow-synthetic@champion" in client.get_registered_model(model_name("synthetic")).description
     description = champion.description
-    for expected in (best_run.data.tags["data_hash"], "test set (paper protocol)", "F1-max threshold on the test set",
+    for expected in (best_run.data.tags["data_hash"], LEAK_FREE.label, "leak-free: quantile 0.99 of held-out normal scores",
                      best_run.data.tags["threshold"], f"{best_run.data.metrics['best/image_auroc']:.4f}",
                      f"trial {best.number}"):
         assert expected in description, expected
@@ -240,7 +240,8 @@ def test_objective_is_part_of_the_study(stores, synthetic_root, capsys):
 
 def test_promote_moves_champion_only_on_improvement(stores, synthetic_root):
     tmp = stores["tmp"]
-    result = run_sweep(settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=2))
+    # the paper protocol, so that the sweep's own promotion registers the test-best run first (as v1)
+    result = run_sweep(settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=2, objective="test"))
     client = MlflowClient()
     runs = sorted(child_runs(result.parent_run_id), key=lambda r: r.data.metrics["best/image_auroc"])
     worst, best = runs[0], runs[-1]

@@ -136,8 +136,9 @@ def test_run_artifacts(tracked_run, tmp_path: Path, synthetic_root: Path) -> Non
     # one timing metric per epoch, no run-level duplicate of it
     assert "train/epoch_seconds" in run.data.metrics and "train/seconds_per_epoch" not in run.data.metrics
     # how the saved model decides, for the registry
-    assert run.data.tags["threshold_kind"] == "f1"
-    assert float(run.data.tags["threshold"]) == pytest.approx(result.checkpoint["thresholds"]["f1"], rel=1e-5)
+    assert run.data.tags["threshold_kind"] == "val_quantile"  # leak-free by default: held-out normals exist
+    assert float(run.data.tags["threshold"]) == pytest.approx(result.checkpoint["thresholds"]["val_quantile"],
+                                                              rel=1e-5)
     # the logged config reloads to the run's config
     config_path = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path)))
     assert load_config(config_path) == cfg
