@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import mlflow
 import numpy as np
-import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient

@@ -178,6 +178,7 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     assert len(child_runs(result.parent_run_id)) == 5
 
 
+@pytest.mark.slow  # `make test` keeps test_safety's diverging-lr line and test_faults' closed trials
 def test_diverging_trial_fails_and_study_continues(stores, synthetic_root):
     tmp = stores["tmp"]
     settings = settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=2)
@@ -192,6 +193,7 @@ def test_diverging_trial_fails_and_study_continues(stores, synthetic_root):
     assert "NonFiniteLossError" in failed_run.data.tags["error"]
 
 
+@pytest.mark.slow  # the heartbeat path; `make test` keeps test_faults' SIGKILLed sweep closed at once on re-run
 def test_killed_worker_trial_fails_and_is_retried(stores, synthetic_root):
     tmp = stores["tmp"]
     space = write_space(tmp, epochs=50)
@@ -291,7 +293,7 @@ def test_ctrl_c_marks_trial_and_runs(stores, synthetic_root):
     sweep = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = os.environ["OPTUNA_STORAGE"]
-    running = wait_for_running_trial("fastflow-synthetic-tiny", storage)
+    wait_for_running_trial("fastflow-synthetic-tiny", storage)
     time.sleep(2)
     os.killpg(sweep.pid, signal.SIGINT)
     assert sweep.wait(timeout=120) == 130
