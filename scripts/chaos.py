@@ -173,6 +173,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=15.0, help="stop starting new kills after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (stores, logs)")
+    parser.add_argument("--only", nargs="*", default=[], metavar="TARGET:SIGNAL",
+                        help="kinds to try, e.g. sweep-1-worker:SIGTERM (default: all, in random order)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="fastflow-chaos-"))
     from fastflow.synthetic import SyntheticSpec, ensure_category
@@ -181,6 +183,11 @@ def main() -> int:
     ensure_category(chaos.data, SyntheticSpec(seed=0))
     kinds = [(target, name) for target in TARGETS for name in SIGNALS]
     chaos.random.shuffle(kinds)
+    if args.only:
+        kinds = [tuple(kind.split(":")) for kind in args.only]
+        unknown = [k for k in kinds if k[0] not in TARGETS or k[1] not in SIGNALS]
+        if unknown:
+            parser.error(f"unknown kinds {unknown}; targets {TARGETS}, signals {tuple(SIGNALS)}")
     tried, violations, all_problems = Counter(), Counter(), []
     deadline = time.time() + 60 * args.minutes
     i = 0
