@@ -284,6 +284,8 @@ def test_shipped_spaces_load():
         assert space.params, path
 
 
+@pytest.mark.slow  # flaky: twice in ~6 full runs the sweep exited 0 after SIGINT (cause not found yet; see the
+# issue-13 note); `make chaos` kills 1- and 2-worker sweeps with SIGINT and checks the same invariants
 def test_ctrl_c_marks_trial_and_runs(stores, synthetic_root):
     """SIGINT to the process group (what Ctrl-C sends) ends the sweep cleanly with every state consistent."""
     tmp = stores["tmp"]
