@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from .protocol import LEAK_FREE, PAPER, protocol_for_metric
+from .protocol import RANKED_METRICS, protocol_for_metric
 
-KEY_METRICS = (*PAPER.ranking, *LEAK_FREE.ranking, "epoch")
+KEY_METRICS = (*RANKED_METRICS, "epoch")
 
 
 def registered_model_description(category: str) -> str:

@@ -31,6 +31,7 @@ LEAK_FREE = Protocol("leak-free", "val", "leak-free (held-out normals + syntheti
 PAPER = Protocol("test-set", "test", "test set (paper protocol)", ("image_auroc", "pixel_auroc", "aupro"))
 PROTOCOLS = {p.objective: p for p in (LEAK_FREE, PAPER)}
 OBJECTIVES = tuple(PROTOCOLS)
+RANKED_METRICS = tuple(dict.fromkeys(PAPER.ranking + LEAK_FREE.ranking))  # every metric either protocol ranks by
 
 
 def protocol_for_objective(objective: str) -> Protocol:
@@ -82,5 +83,5 @@ def resolve_threshold(threshold: str, has_validation: bool, quantile: float) -> 
     return kind, f"{PAPER.name}: F1-max on test labels"
 
 
-__all__ = ["Protocol", "LEAK_FREE", "PAPER", "PROTOCOLS", "OBJECTIVES", "protocol_for_objective",
+__all__ = ["Protocol", "LEAK_FREE", "PAPER", "PROTOCOLS", "OBJECTIVES", "RANKED_METRICS", "protocol_for_objective",
            "protocol_for_metric", "ranking_key", "names_key", "AUTO", "resolve_selection", "resolve_threshold"]

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from .protocol import LEAK_FREE, PAPER, Protocol, ranking_key
+from .protocol import LEAK_FREE, PAPER, RANKED_METRICS, Protocol, ranking_key
 
 STATE_NOTES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}
@@ -42,7 +42,7 @@ def figure_png(figure) -> bytes:
 
 
 def _metrics(run: Mapping, complete: bool, user_attrs: Mapping) -> dict[str, float]:
-    names = (*PAPER.ranking, *LEAK_FREE.ranking)
+    names = RANKED_METRICS
     logged = run.get("metrics", {})
     prefix = "best/" if complete else "eval/"
     values = {name: logged[prefix + name] for name in names if prefix + name in logged}

@@ -31,7 +31,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .config import with_overrides
 from .paper import paper_numbers
-from .protocol import LEAK_FREE, OBJECTIVES, PAPER, Protocol, protocol_for_metric, protocol_for_objective, ranking_key
+from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol_for_metric,
+                       protocol_for_objective, ranking_key)
 from .redact import redact
 from .selection import Fidelity, fidelity
 from .registry import Promotion, promote
@@ -52,7 +53,6 @@ RETRY_ATTR = "retry_of"
 OBJECTIVE_ATTR = "objective"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
-RANKED_METRICS = tuple(dict.fromkeys(PAPER.ranking + LEAK_FREE.ranking))  # stored on each trial (user attrs)
 
 
 @dataclass(frozen=True)
