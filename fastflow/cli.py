@@ -256,17 +256,23 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.handler(args)
+        code = args.handler(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, LookupError) as error:
         print(f"error: {redact(str(error))}", file=sys.stderr)
-        return 2
+        code = 2
     except ArithmeticError as error:  # train.NonFiniteLossError: a diverged run, marked FAILED
         print(f"error: {redact(str(error))}", file=sys.stderr)
-        return 1
+        code = 1
     except KeyboardInterrupt as error:  # runs and trials were already marked KILLED/FAIL on the way out
-        code = signals.exit_code(error)
-        print("interrupted" if code == 130 else "terminated (SIGTERM); runs and trials were closed", file=sys.stderr)
-        return code
+        return _interrupted(signals.exit_code(error))
+    if signals.received() is not None:  # a signal whose exception was dropped on the way: never exit 0 after it
+        return _interrupted(signals.exit_code(signals.Interrupted(signals.received())))
+    return code
+
+
+def _interrupted(code: int) -> int:
+    print("interrupted" if code == 130 else "terminated (SIGTERM); runs and trials were closed", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ The first SIGINT or SIGTERM raises `Interrupted` (a KeyboardInterrupt) in the ma
 `except KeyboardInterrupt` path runs: MLflow runs end KILLED, Optuna trials FAIL, the parent run is closed.
 Further signals while that cleanup runs are logged and ignored (SIGKILL still ends the process). The CLI
 exits 130 (SIGINT) or 143 (SIGTERM), as a shell reports a process ended by that signal.
+
+Python can lose the handler's exception: raised inside a finalizer (`__del__`, a weakref callback, which
+the garbage collector may run anywhere) it is printed as "Exception ignored" and dropped, and a library's
+cleanup can replace it with its own error. So the signal is also remembered, and `check()` (between
+training steps and between sweep trials) raises it again: a signalled process never carries on or exits 0.
 """
 
 from __future__ import annotations
@@ -46,11 +51,13 @@ def _handler(signum: int, frame) -> None:
 
 
 def install() -> None:
-    """Handle SIGINT and SIGTERM by raising `Interrupted` (main thread only; no-op elsewhere)."""
+    """Handle SIGINT and SIGTERM by raising `Interrupted` (main thread only; no-op elsewhere). Installing
+    again keeps a signal already received; installing over other handlers starts afresh."""
     global _received
     if threading.current_thread() is not threading.main_thread():
         return
-    _received = None
+    if any(signal.getsignal(signum) is not _handler for signum in HANDLED):
+        _received = None
     for signum in HANDLED:
         signal.signal(signum, _handler)
 
@@ -60,9 +67,17 @@ def received() -> Optional[int]:
     return _received
 
 
+def check() -> None:
+    """Raise `Interrupted` if a signal arrived (normal flow only: cleanup code must not call it)."""
+    if _received is not None:
+        raise Interrupted(_received)
+
+
 def exit_code(error: BaseException) -> int:
     """130 for Ctrl-C, 143 for SIGTERM."""
-    return error.exit_code if isinstance(error, Interrupted) else 128 + signal.SIGINT
+    if isinstance(error, Interrupted):
+        return error.exit_code
+    return 128 + (_received or signal.SIGINT)
 
 
 # ---------------------------------------------------------------- process identity (who owns a trial)
@@ -113,4 +128,4 @@ def is_dead(identity: str) -> bool:
     return False
 
 
-__all__ = ["Interrupted", "install", "received", "exit_code", "process_identity", "is_dead"]
+__all__ = ["Interrupted", "install", "received", "check", "exit_code", "process_identity", "is_dead"]

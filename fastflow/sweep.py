@@ -36,7 +36,7 @@ from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol
 from .redact import redact
 from .selection import Fidelity, fidelity
 from .registry import Promotion, promote
-from .signals import install as install_signal_policy, is_dead, process_identity
+from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
 from .study_page import figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
@@ -288,7 +288,9 @@ def run_worker(settings: SweepSettings, parent_run_id: str, n_trials: int, worke
     study = load_study(settings, space, worker)
     try:
         study.optimize(make_objective(settings, space, parent_run_id), n_trials=n_trials, timeout=settings.timeout,
-                       catch=(Exception,), gc_after_trial=True)
+                       catch=(Exception,), gc_after_trial=True,
+                       callbacks=[lambda study, trial: check_signals()])  # a dropped signal ends the sweep here
+        check_signals()
     finally:  # a signal between a run's end and Optuna's tell leaves the trial RUNNING: close it now
         close_orphaned_trials(study, settings.metric, owners=(process_identity(),))
 

@@ -34,7 +34,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import RunConfig, dump_yaml  # noqa: E402
 from .redact import redact  # noqa: E402
-from .signals import Interrupted  # noqa: E402
+from .signals import Interrupted, received as received_signal  # noqa: E402
 from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,10 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
         end_run(run.info.run_id, "KILLED", interruption_note(error))
         raise
     except BaseException as error:
+        if received_signal() is not None:  # cleanup replaced the signal's exception with its own error
+            interrupted = Interrupted(received_signal())
+            end_run(run.info.run_id, "KILLED", interruption_note(interrupted))
+            raise interrupted from error
         status = getattr(error, "mlflow_status", "FAILED")
         end_run(run.info.run_id, status, f"{type(error).__name__}: {error}")
         raise

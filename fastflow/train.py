@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import signals
 from .config import RunConfig, flatten, to_dict
 from .data import ImageDataset, Splits, anomaly_spec, content_hash, make_splits
 from .ema import ema_decay, make_ema
@@ -143,6 +144,7 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
     total_loss, seen = 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     for step, features in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False), start=1):
+        signals.check()  # a signal whose exception Python dropped (see signals) still stops the run here
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=use_amp):
             loss = nll_loss(*model.forward_features(features))
         if not torch.isfinite(loss):

@@ -128,3 +128,74 @@ def test_a_trial_is_never_pruned_at_its_final_epoch(stores, synthetic_root):
     assert trial.intermediate_values  # the final epoch was reported...
     assert trial.state == TrialState.COMPLETE  # ...and the finished training kept
     assert MlflowClient().get_run(trial.user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+class _DroppedSignal:
+    """Sends SIGINT from a finalizer once fastflow's handler is installed: Python prints the handler's
+    exception as "Exception ignored in ... __del__" and drops it, as it does for any finalizer the garbage
+    collector happens to run when a real Ctrl-C arrives."""
+
+    def __init__(self):
+        self.cycle = self  # freed only by the cyclic garbage collector
+
+    def __del__(self):
+        if getattr(signal.getsignal(signal.SIGINT), "__module__", "") == "fastflow.signals":
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(10_000):  # the handler runs here, inside the finalizer
+                pass
+
+
+@pytest.fixture
+def python_signal_handlers():
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+def test_a_dropped_signal_still_stops_training_killed(make_config, python_signal_handlers):
+    """Failed before the fix: the interrupt raised inside a finalizer was lost and training ran to the end."""
+    from fastflow import signals
+    from fastflow.tracking import start_run
+    from fastflow.train import train_and_evaluate
+
+    cfg = make_config("train.epochs=4", "eval.heatmap_images=0")
+    signals.install()
+
+    def drop_a_signal(epoch, metrics):
+        if epoch == 1:
+            _DroppedSignal()
+            import gc
+            gc.collect()
+            assert signals.received() == signal.SIGINT  # the handler ran, its exception was dropped
+
+    with pytest.raises(signals.Interrupted):
+        with start_run(cfg) as tracker:
+            train_and_evaluate(cfg, tracker, drop_a_signal)
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
+    epochs = MlflowClient(cfg.tracking.uri).get_metric_history(tracker.run_id, "train/loss")
+    assert [m.step for m in epochs] == [1]
+
+
+def test_a_dropped_signal_between_trials_ends_the_sweep_130(stores, synthetic_root, python_signal_handlers,
+                                                            capsys):
+    """Failed before the fix: the sweep went on with the next trial and exited 0. Optuna's garbage collection
+    after trial 0 runs the finalizer that drops the signal."""
+    import gc
+
+    from fastflow.cli import main
+
+    tmp, storage = stores["tmp"], stores["storage"]
+    space = write_space(tmp, epochs=1)
+    gc.disable()  # so that the only collection is Optuna's, after the first trial
+    try:
+        _DroppedSignal()
+        code = main(["sweep", "--space", str(space), "--category", "synthetic", "--root", str(synthetic_root),
+                     "--trials", "2", "--no-promote"])
+    finally:
+        gc.enable()
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    trials = optuna.load_study(study_name=STUDY, storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE]  # no second trial started
+    assert check_runs_and_trials(storage) == []
