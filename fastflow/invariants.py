@@ -19,7 +19,7 @@ from optuna.trial import TrialState
 
 from .protocol import protocol_for_metric
 from .registry import CHAMPION, best_version
-from .tracking import connect
+from .tracking import connect, quoted
 
 AGREE = {TrialState.COMPLETE: {"FINISHED"}, TrialState.PRUNED: {"KILLED"}, TrialState.FAIL: {"FAILED", "KILLED"}}
 INTERRUPTED = ("interrupted", "terminated (SIGTERM)")
@@ -75,7 +75,7 @@ def check_registry() -> list[str]:
     client = connect()
     problems = []
     for model in client.search_registered_models():
-        versions = list(client.search_model_versions(f"name = '{model.name}'"))
+        versions = list(client.search_model_versions(f"name = {quoted(model.name)}"))
         seen: dict[str, str] = {}
         for version in versions:
             if version.run_id in seen:
@@ -106,7 +106,7 @@ def check_secrets(secrets: Iterable[str], folders: Iterable[Path] = ()) -> list[
                 if any(s in value for s in secrets):
                     problems.append(f"run {run.info.run_id} {kind} {key} holds a secret")
     for model in client.search_registered_models():
-        for version in client.search_model_versions(f"name = '{model.name}'"):
+        for version in client.search_model_versions(f"name = {quoted(model.name)}"):
             if any(s in value for value in version.tags.values() for s in secrets):
                 problems.append(f"{model.name} v{version.version} tags hold a secret")
     for folder in folders:

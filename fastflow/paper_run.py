@@ -86,9 +86,9 @@ def category_config(settings: PaperSettings, category: str) -> RunConfig:
 
 
 def is_done(cfg: RunConfig, backbone: str, category: str) -> bool:
-    from .tracking import finished_runs
+    from .tracking import finished_runs, quoted
 
-    query = f"tags.{PAPER_TAG} = '{backbone}' and tags.category = '{category}'"
+    query = f"tags.{PAPER_TAG} = {quoted(backbone)} and tags.category = {quoted(category)}"
     return bool(finished_runs(cfg.tracking.experiment, query, cfg.tracking.uri))
 
 

@@ -29,7 +29,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import with_overrides
+from .config import ConfigError, with_overrides
 from .paper import paper_numbers
 from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol_for_metric,
                        protocol_for_objective, ranking_key)
@@ -252,9 +252,15 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
         sampled = {name: dist.suggest(trial, name) for name, dist in space.params.items()}
         forced = {**settings.extra_fixed, "tracking.experiment": settings.experiment,
                   "eval.selection_metric": settings.metric}
-        cfg = with_overrides(space.trial_config(sampled, settings.category, settings.root), nested(forced))
         tags = {"trial_number": trial.number, "study": settings.resolved_study_name(),
                 **{f"sampled.{k}": v for k, v in sampled.items()}}
+        try:
+            cfg = with_overrides(space.trial_config(sampled, settings.category, settings.root), nested(forced))
+        except ConfigError as error:  # e.g. a sampled input size the backbone cannot take: one FAILED run says so
+            run_id = record_lost_run(settings.experiment, f"trial-{trial.number:03d}", parent_run_id, tags,
+                                     f"ConfigError: {error}")
+            trial.set_user_attr("mlflow_run_id", run_id)
+            raise
         with start_run(cfg, run_name=f"trial-{trial.number:03d}", parent_run_id=parent_run_id, tags=tags) as tracker:
             trial.set_user_attr("mlflow_run_id", tracker.run_id)
 

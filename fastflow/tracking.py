@@ -304,7 +304,7 @@ def child_run_summaries(parent_run_id: str) -> dict[str, dict]:
     parent = client.get_run(parent_run_id)
     runs, token = [], None
     while True:
-        page = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        page = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = {quoted(parent_run_id)}",
                                   max_results=1000, page_token=token)
         runs += list(page)
         token = page.token

@@ -199,3 +199,19 @@ def test_a_dropped_signal_between_trials_ends_the_sweep_130(stores, synthetic_ro
     trials = optuna.load_study(study_name=STUDY, storage=storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE]  # no second trial started
     assert check_runs_and_trials(storage) == []
+
+
+def test_a_sampled_config_that_fails_validation_gets_one_failed_run(stores, synthetic_root):
+    """Failed before the fix: the trial FAILed with no MLflow run, so the failure was invisible in the UI."""
+    tmp, storage = stores["tmp"], stores["storage"]
+    space = write_space(tmp, epochs=1)
+    text = space.read_text().replace("  train.epochs: 1\n", "")  # each value is valid, the two together are not:
+    space.write_text(text.replace("model.anomaly_map: {type: categorical, choices: [z2, nll]}",  # warm-up >= epochs
+                                  "train.epochs: {type: categorical, choices: [1]}\n"
+                                  "  train.warmup_epochs: {type: categorical, choices: [1]}"))
+    run_sweep(SweepSettings(space, "synthetic", str(synthetic_root), trials=1, experiment="faults", promote=False))
+    trial = optuna.load_study(study_name=STUDY, storage=storage).trials[0]
+    assert trial.state == TrialState.FAIL
+    run = MlflowClient().get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.info.status == "FAILED" and "train.warmup_epochs" in run.data.tags["error"]
+    assert check_runs_and_trials(storage) == []
