@@ -62,6 +62,12 @@ def install() -> None:
         signal.signal(signum, _handler)
 
 
+def forget() -> None:
+    """Forget a received signal: for a long-lived process (a test session) that has dealt with it."""
+    global _received
+    _received = None
+
+
 def received() -> Optional[int]:
     """The signal that interrupted this process, if any."""
     return _received
@@ -128,4 +134,4 @@ def is_dead(identity: str) -> bool:
     return False
 
 
-__all__ = ["Interrupted", "install", "received", "check", "exit_code", "process_identity", "is_dead"]
+__all__ = ["Interrupted", "install", "received", "forget", "check", "exit_code", "process_identity", "is_dead"]
