@@ -16,7 +16,7 @@ changed region. Deterministic for a given generator state. Types (literature in 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -34,7 +34,7 @@ class AnomalySpec:
     """What the validation set draws: types (cycled over the anomalous copies), a severity range, copies per normal."""
     kinds: tuple[str, ...] = ANOMALY_TYPES
     severity: tuple[float, float] = (0.0, 1.0)
-    copies: int = 2
+    copies: int = field(kw_only=True)  # no default here: runs take `data.val_copies`
 
     def __post_init__(self) -> None:
         check_kinds(self.kinds)

@@ -127,7 +127,7 @@ def make_splits(cfg: DataConfig, max_train_images: int = 0, seed: int = 0) -> Sp
 
 def anomaly_spec(cfg: DataConfig) -> AnomalySpec:
     """The validation anomalies `data.val_anomalies/val_severity/val_copies` ask for."""
-    return AnomalySpec(tuple(cfg.val_anomalies), tuple(cfg.val_severity), cfg.val_copies)
+    return AnomalySpec(tuple(cfg.val_anomalies), tuple(cfg.val_severity), copies=cfg.val_copies)
 
 
 def held_out_count(n_train: int, fraction: float, minimum: int) -> int:
@@ -188,6 +188,12 @@ def load_mask(path: Path, image_size: tuple[int, int], size: int) -> torch.Tenso
     return torch.from_numpy(np.asarray(resized) > 127).unsqueeze(0).float()
 
 
+def source_of(row: int, n_normals: int) -> int:
+    """The normal image row `row` of an `ImageDataset` with anomalies derives from: the normals come first, then
+    `copies` anomalous copies of each, in the same order."""
+    return row % n_normals
+
+
 class ImageDataset(Dataset):
     """Rows -> `(image (3,S,S) in [0,1], mask (1,S,S), label)`.
 
@@ -206,7 +212,7 @@ class ImageDataset(Dataset):
         return len(self.samples) * (1 + (self.anomalies.copies if self.anomalies else 0))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        sample = self.samples[index % len(self.samples)]
+        sample = self.samples[source_of(index, len(self.samples))]
         image = load_rgb(sample.image)
         if index >= len(self.samples):
             return self._with_anomaly(image, index - len(self.samples))

@@ -11,10 +11,10 @@ import torch
 from . import metrics as M
 from .anomaly_map import scale_maps
 from .config import RunConfig
-from .data import ImageDataset, Sample
+from .data import ImageDataset, Sample, source_of
 from .features import EncodedSplit
 from .loss import nll_loss
-from .scoring import NormalStats, image_nll, normal_stats, score
+from .scoring import NormalStats, cross_fitted, image_nll, normal_stats, score
 
 
 @dataclass
@@ -66,23 +66,50 @@ def predict_maps(model, split: EncodedSplit, cfg: RunConfig, device: torch.devic
 
 
 @torch.inference_mode()
-def held_out_stats(model, split: EncodedSplit, cfg: RunConfig, device: torch.device) -> NormalStats:
-    """Statistics of the split's normal images (label 0) under `model`: the held-out normals, never test images."""
+def scale_outputs(model, split: EncodedSplit, rows: torch.Tensor, cfg: RunConfig,
+                  device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, float]:
+    """Per-scale maps `[(n,1,h,w)]` and image NLLs `(n, n_scales)` of `rows` on the CPU, and their mean NLL loss."""
     model.eval()
-    normal = torch.nonzero(split.labels == 0).flatten()
-    maps, nll = [], []
-    for start in range(0, len(normal), cfg.eval.batch_size):
-        latents, log_jacs = model.forward_features(split.batch(normal[start:start + cfg.eval.batch_size], device))
+    maps, nll, loss_sum = [], [], 0.0
+    for start in range(0, len(rows), cfg.eval.batch_size):
+        batch = rows[start:start + cfg.eval.batch_size]
+        latents, log_jacs = model.forward_features(split.batch(batch, device))
+        loss_sum += nll_loss(latents, log_jacs).item() * len(batch)
         maps.append([m.cpu() for m in scale_maps(cfg.model.anomaly_map, latents, log_jacs)])
         nll.append(image_nll(latents, log_jacs).cpu())
-    return normal_stats([torch.cat(scale) for scale in zip(*maps)], torch.cat(nll))
+    return [torch.cat(scale) for scale in zip(*maps)], torch.cat(nll), loss_sum / max(len(rows), 1)
+
+
+def held_out_stats(model, split: EncodedSplit, cfg: RunConfig, device: torch.device) -> NormalStats:
+    """Statistics of the split's normal images (label 0) under `model`: the held-out normals, never test images."""
+    maps, nll, _ = scale_outputs(model, split, torch.nonzero(split.labels == 0).flatten(), cfg, device)
+    return normal_stats(maps, nll)
+
+
+def cross_fitted_maps(model, split: EncodedSplit, cfg: RunConfig,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """`predict_maps` of a validation split (held-out normals, then anomalous copies of them), each row
+    standardised with the statistics of the other held-out normals (`scoring.cross_fitted`)."""
+    m = cfg.model
+    per_scale, nll, loss = scale_outputs(model, split, torch.arange(len(split)), cfg, device)
+    normal = torch.nonzero(split.labels == 0).flatten()
+    source = torch.tensor([source_of(row, len(normal)) for row in range(len(split))])
+    maps, scores = cross_fitted(per_scale, nll, normal, source, (m.input_size, m.input_size), m.map_norm,
+                                m.image_score, m.topk_fraction, m.score_norm)
+    return maps, scores, loss
 
 
 def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
                    keep_maps: list[int] | None = None, pixel_metrics: bool = True,
-                   stats: NormalStats | None = None) -> Evaluation:
+                   stats: NormalStats | None = None, cross_fit: bool = False) -> Evaluation:
+    """Scores, maps and metrics of `split`, standardised with `stats`; with `cross_fit` (the validation split,
+    whose normals the statistics come from) each row with the statistics of the other held-out normals (when
+    there are at least two)."""
     start = time.perf_counter()
-    maps, scores, loss = predict_maps(model, split, cfg, device, stats)
+    if cross_fit and stats is not None and int((split.labels == 0).sum()) >= 2:
+        maps, scores, loss = cross_fitted_maps(model, split, cfg, device)
+    else:
+        maps, scores, loss = predict_maps(model, split, cfg, device, stats)
     scores = scores.numpy()
     images_per_s = len(split) / (time.perf_counter() - start)
     labels = split.labels.numpy()

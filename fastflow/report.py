@@ -21,7 +21,7 @@ from typing import Optional
 
 from .paper import MVTEC_CATEGORIES, PAPER_MEANS, paper_numbers
 from .protocol import LEAK_FREE, PAPER, Protocol, protocol_for_metric, ranking_key
-from .selection import OPTIMISM_KEY, POINTS_KEY, SPEARMAN_KEY
+from .selection import OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +104,15 @@ def best_rows(runs: list) -> list[ReportRow]:
 
 def _fidelity(values: dict) -> dict[str, float]:
     return {name: values[key] for name, key in (("spearman", SPEARMAN_KEY), ("optimism", OPTIMISM_KEY),
-                                                ("points", POINTS_KEY)) if key in values}
+                                                ("points", POINTS_KEY), ("test_reliability", RELIABILITY_KEY))
+            if key in values}
 
 
 def fidelity_cells(row: ReportRow) -> list[str]:
-    """val image AUROC, val pixel AUROC, Spearman, optimism."""
+    """val image AUROC, val pixel AUROC, Spearman, optimism, test split-half reliability."""
     return [_fmt(row.validation.get("val_image_auroc")), _fmt(row.validation.get("val_pixel_auroc")),
-            _fmt(row.fidelity.get("spearman"), signed=True), _fmt(row.fidelity.get("optimism"))]
+            _fmt(row.fidelity.get("spearman"), signed=True), _fmt(row.fidelity.get("optimism")),
+            _fmt(row.fidelity.get("test_reliability"), signed=True)]
 
 
 @dataclass
@@ -165,10 +167,11 @@ def mean_cells(backbone: str, rows: list[ReportRow]) -> list[str]:
                   _fmt(_mean([r.reference(metric) for r in rows])),
                   _fmt(_mean([r.reference(metric, "seed") for r in rows])),
                   _fmt(_mean([r.diff(metric) for r in rows]), signed=True)]
-    return cells + [_fmt(_mean([r.ours.get("aupro") for r in rows])), "", "", "", "", "", rows[0].protocol, ""]
+    blank = [""] * (len(FIDELITY_HEADER) + 1)  # fidelity and epoch are per run
+    return cells + [_fmt(_mean([r.ours.get("aupro") for r in rows])), *blank, rows[0].protocol, ""]
 
 
-FIDELITY_HEADER = ["val image AUROC", "val pixel AUROC", "Spearman", "optimism"]
+FIDELITY_HEADER = ["val image AUROC", "val pixel AUROC", "Spearman", "optimism", "test reliability"]
 MVTEC_HEADER = ["category", "backbone", "image AUROC", "paper", "seed", "diff", "pixel AUROC", "paper", "seed", "diff",
                 "AUPRO", *FIDELITY_HEADER, "epoch", "selection", "run"]
 OTHER_HEADER = ["category", "backbone", "image AUROC", "pixel AUROC", "AUPRO", *FIDELITY_HEADER, "epoch", "selection",
@@ -209,7 +212,9 @@ INTRO = ("Best FINISHED run per (category, backbone, selection protocol) in MLfl
          "optimistic by construction); val = held-out normals + synthetic anomalies at that epoch. Spearman = rank "
          "correlation of the validation and test image AUROC across the run's evaluated epochs (near 1: the "
          "validation score orders epochs as the test set does); optimism = test image AUROC of the test-best epoch "
-         "minus that of the selected one. paper = FastFlow (arXiv 2111.07677) with CaiT, per category, whatever our "
+         "minus that of the selected one; test reliability = Spearman of the epochs' test image AUROC between two halves "
+         "of the test set (near 0 or below: the test set cannot rank the epochs, so Spearman is noise). "
+         "paper = FastFlow (arXiv 2111.07677) with CaiT, per category, whatever our "
          "backbone; seed = the seed implementation (CaiT). diff = ours − paper. The paper reports no AUPRO.")
 STUDIES_INTRO = ("Selection fidelity of each study across its complete trials: Spearman of the trials' validation "
                  "and test image AUROC; optimism = best test image AUROC among the trials minus the chosen trial's.")

@@ -114,20 +114,55 @@ def image_score(maps: torch.Tensor, nll: torch.Tensor, mode: str, topk_fraction:
     return map_image_score(maps, mode, topk_fraction)
 
 
-def score_with_map(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
-                   map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
-                   stats: NormalStats | None = None,
-                   score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flow outputs -> (fused anomaly map `(B,1,H,W)`, the map the image score reads `(B,1,H,W)`, scores `(B,)`).
+def score_scales(per_scale: list[torch.Tensor], nll: torch.Tensor, size: tuple[int, int], map_norm: str = "none",
+                 image_mode: str = "max", topk_fraction: float = 0.01, stats: NormalStats | None = None,
+                 score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-scale maps `[(B,1,h,w)]` and image NLLs `(B, n_scales)` -> (fused anomaly map `(B,1,H,W)`, the map
+    the image score reads `(B,1,H,W)`, scores `(B,)`).
 
     The map is standardised by `map_norm`; the image score reads the map standardised by `score_norm`
     (`map`: the output map itself), so e.g. the score can discount the border while the map stays raw.
     """
-    per_scale = scale_maps(kind, latents, log_jacs)
     fused = fuse(standardise(per_scale, map_norm, stats), size)
     scored = fused if score_norm in ("map", map_norm) else fuse(standardise(per_scale, score_norm, stats), size)
-    nll = image_nll(latents, log_jacs) if image_mode in NLL_SCORES else fused.new_zeros(fused.shape[0], 0)
     return fused, scored, image_score(scored, nll, image_mode, topk_fraction, stats)
+
+
+def score_with_map(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
+                   map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
+                   stats: NormalStats | None = None,
+                   score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow outputs -> `score_scales` of their per-scale maps."""
+    per_scale = scale_maps(kind, latents, log_jacs)
+    nll = image_nll(latents, log_jacs) if image_mode in NLL_SCORES else per_scale[0].new_zeros(len(per_scale[0]), 0)
+    return score_scales(per_scale, nll, size, map_norm, image_mode, topk_fraction, stats, score_norm)
+
+
+def cross_fitted(per_scale: list[torch.Tensor], nll: torch.Tensor, normal: torch.Tensor, source: torch.Tensor,
+                 size: tuple[int, int], map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
+                 score_norm: str = "map") -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused maps, image scores) of held-out rows, each row standardised with the statistics of the held-out
+    normals other than its source image (`source[r]`, an index into the rows; `normal`: the normal rows).
+
+    Scored with statistics that include itself, a held-out normal looks more normal than a new part does
+    (its own values set the mean and inflate the std where it is unusual): the validation AUROC is then
+    optimistic, and a threshold taken as a quantile of those scores is too low. Leave-one-out scores every
+    held-out image as the deployed model, whose statistics come from all of them, scores a new part.
+    """
+    if len(normal) < 2:
+        raise ValueError(f"cross-fitted scores need at least 2 held-out normal images, got {len(normal)}")
+    if not bool(torch.isin(source, normal).all()):
+        raise ValueError("every row's source must be one of the normal rows")
+    maps = torch.empty(len(nll), 1, *size)
+    scores = torch.empty(len(nll))
+    for i in normal.tolist():
+        rows = torch.nonzero(source == i).flatten()
+        others = normal[normal != i]
+        stats = normal_stats([m[others] for m in per_scale], nll[others])
+        fused, _, row_scores = score_scales([m[rows] for m in per_scale], nll[rows], size, map_norm, image_mode,
+                                            topk_fraction, stats, score_norm)
+        maps[rows], scores[rows] = fused.cpu().float(), row_scores.cpu().float()
+    return maps, scores
 
 
 def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
@@ -145,4 +180,4 @@ def needs_stats(map_norm: str, image_mode: str, score_norm: str = "map") -> bool
 
 
 __all__ = ["MAP_NORMS", "IMAGE_SCORES", "NLL_SCORES", "NormalStats", "normal_stats", "image_nll", "standardise",
-           "nll_image_score", "image_score", "score", "score_with_map", "needs_stats"]
+           "nll_image_score", "image_score", "score", "score_with_map", "score_scales", "cross_fitted", "needs_stats"]

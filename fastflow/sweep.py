@@ -34,7 +34,7 @@ from .paper import paper_numbers
 from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol_for_metric,
                        protocol_for_objective, ranking_key)
 from .redact import redact
-from .selection import Fidelity, fidelity
+from .selection import Fidelity, fidelity, reliability_words
 from .registry import Promotion, promote
 from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
@@ -531,5 +531,8 @@ def fidelity_line(figures: Optional[Fidelity], over: str) -> str:
     if figures is None:
         return "selection fidelity: n/a (no validation score: no held-out normals)"
     rho = "n/a (fewer than 3 points or a constant score)" if math.isnan(figures.spearman) else f"{figures.spearman:+.2f}"
-    return (f"selection fidelity over {figures.points} {over}: Spearman(val, test image AUROC) {rho}; "
+    line = (f"selection fidelity over {figures.points} {over}: Spearman(val, test image AUROC) {rho}; "
             f"optimism {figures.optimism:.4f} (test AUROC of the test-best minus the chosen)")
+    if not math.isnan(figures.test_reliability):
+        line += f"; test split-half reliability {figures.test_reliability:+.2f} ({reliability_words(figures.test_reliability)})"
+    return line

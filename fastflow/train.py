@@ -12,7 +12,7 @@ import math
 import random
 import resource
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -33,7 +33,7 @@ from .model import FastFlow, count_parameters
 from .protocol import names_key, resolve_selection, resolve_threshold
 from .redact import redact_values
 from .scoring import NormalStats, needs_stats
-from .selection import Fidelity, fidelity
+from .selection import Fidelity, fidelity, split_half_reliability
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
                          selection_protocol=protocol.label, threshold_source=threshold_source)
     best_key, train_seconds = None, 0.0
+    test_scores: dict[int, np.ndarray] = {}  # per evaluated epoch: how reliably the test set ranks epochs
     for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):
         start = time.perf_counter()
         loss, seen = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator),
@@ -257,11 +258,12 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
             stats = normal_statistics(net, encoded, cfg, device)
             evaluation = _evaluate_finite(net, encoded.test, cfg, device, epoch, keep_maps=shown, stats=stats)
             metrics.update({f"eval/{k}": v for k, v in evaluation.metrics.items()})
+            test_scores[epoch] = evaluation.scores
             if ema is not None:
                 other = "raw" if cfg.eval.weights == "ema" else "ema"
                 metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg, device))
             if encoded.validation is not None:
-                validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, stats=stats)
+                validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, stats=stats, cross_fit=True)
                 metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
                 metrics["eval/val_loss"] = validation.loss
             metrics["eval/images_per_s"] = evaluation.images_per_s
@@ -280,7 +282,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
             tracker.log_metrics(metrics, step=epoch)
         if on_evaluation is not None and f"eval/{ranking[0]}" in metrics:
             on_evaluation(epoch, metrics)
-    result.fidelity = epoch_fidelity(result.history, result.best_epoch)
+    result.fidelity = epoch_fidelity(result.history, result.best_epoch, test_scores, encoded.test.labels.numpy())
     if tracker is not None and result.fidelity is not None:
         tracker.log_metrics(result.fidelity.metrics(), step=result.best_epoch)
     result.seconds_per_epoch = train_seconds / cfg.train.epochs
@@ -313,20 +315,24 @@ def other_weights_metrics(model: FastFlow, name: str, encoded: Encoded, cfg: Run
     stats = normal_statistics(model, encoded, cfg, device)
     values = evaluate_split(model, encoded.test, cfg, device, stats=stats).metrics
     if encoded.validation is not None:
-        validation = evaluate_split(model, encoded.validation, cfg, device, pixel_metrics=False, stats=stats)
+        validation = evaluate_split(model, encoded.validation, cfg, device, pixel_metrics=False, stats=stats,
+                                    cross_fit=True)
         values["val_image_auroc"] = validation.metrics["image_auroc"]
     return {f"eval/{name}_{k}": v for k, v in values.items() if k in ("image_auroc", "pixel_auroc", "aupro",
                                                                        "val_image_auroc")}
 
 
-def epoch_fidelity(history: list[dict[str, float]], best_epoch: int) -> Optional[Fidelity]:
-    """Validation vs test image AUROC over the evaluated epochs (the chosen one: `best_epoch`)."""
+def epoch_fidelity(history: list[dict[str, float]], best_epoch: int, test_scores: dict[int, np.ndarray],
+                   test_labels: np.ndarray) -> Optional[Fidelity]:
+    """Validation vs test image AUROC over the evaluated epochs (the chosen one: `best_epoch`), and how reliably
+    the test set (per-image `test_scores` of each epoch) ranks those epochs at all."""
     rows = [h for h in history if "eval/val_image_auroc" in h and "eval/image_auroc" in h]
     epochs = [h["epoch"] for h in rows]
     if not rows or best_epoch not in epochs:
         return None
-    return fidelity([h["eval/val_image_auroc"] for h in rows], [h["eval/image_auroc"] for h in rows],
-                    epochs.index(best_epoch))
+    figures = fidelity([h["eval/val_image_auroc"] for h in rows], [h["eval/image_auroc"] for h in rows],
+                       epochs.index(best_epoch))
+    return replace(figures, test_reliability=split_half_reliability(test_labels, [test_scores[e] for e in epochs]))
 
 
 def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation,

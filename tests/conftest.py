@@ -116,6 +116,7 @@ def fast_config(tmp_path: Path, *overrides: str, data_root: Path | None = None,
         "train.epochs=2",
         "train.max_train_images=16",
         "eval.heatmap_images=2",
+        "data.val_copies=2",  # the default (6) costs time and changes nothing these tests check
     ]
     if data_root is not None:
         base.append(f"data.root={data_root}")

@@ -100,4 +100,4 @@ def test_perlin_noise_and_bad_input() -> None:
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         make_anomaly(image[..., 0], "scar", np.random.default_rng(0))
     with pytest.raises(ValueError, match="data.val_anomalies"):
-        AnomalySpec(kinds=("scar", "smudge"))
+        AnomalySpec(kinds=("scar", "smudge"), copies=1)

@@ -14,7 +14,8 @@ from fastflow.config import ConfigError
 from fastflow.ema import ema_decay, make_ema
 from fastflow.export import export_predictor, run_exported
 from fastflow.inference import Predictor
-from fastflow.scoring import NormalStats, image_nll, nll_image_score, normal_stats, score, standardise
+from fastflow.scoring import (NormalStats, image_nll, nll_image_score, normal_stats, score, score_scales,
+                              standardise)
 from fastflow.train import train_and_evaluate
 
 
@@ -168,6 +169,34 @@ def test_held_out_stats_use_only_the_normal_rows() -> None:
         assert float(stats.nll_mean[0]) == pytest.approx(0.5)  # 0.5 * z^2 per dimension, z = 1
 
 
+def test_cross_fitted_scores_each_row_without_its_own_image() -> None:
+    """Held-out normal 0 has a spike where the others are flat. With statistics that include it, the spike sets
+    its own mean and std and hardly shows; left out, it scores as a new part with that spike would. Each
+    anomalous copy is scored without its source image too."""
+    from fastflow.scoring import cross_fitted
+
+    g = torch.Generator().manual_seed(0)
+    normals = 1.0 + 0.1 * torch.randn(6, 1, 8, 8, generator=g)
+    normals[0, 0, 2, 2] = 4.0
+    copies = normals.clone()
+    copies[:, 0, 5, 5] += 3.0  # one anomalous copy of each normal
+    per_scale = [torch.cat([normals, copies])]
+    nll = torch.zeros(12, 1)
+    normal, source = torch.arange(6), torch.arange(12) % 6
+    size, options = (8, 8), dict(map_norm="none", image_mode="max", score_norm="position")
+    maps, scores = cross_fitted(per_scale, nll, normal, source, size, **options)
+    in_sample = score_scales(per_scale, nll, size, stats=normal_stats([normals], nll[:6]), **options)[2]
+    assert scores[0] > 2 * in_sample[0]  # the spike, no longer hidden by its own statistics
+    for row in (0, 3, 9):  # each row equals scoring it with the statistics of the other normals
+        others = normal[normal != source[row]]
+        expected = score_scales([per_scale[0][row:row + 1]], nll[row:row + 1], size,
+                                stats=normal_stats([normals[others]], nll[others]), **options)[2]
+        assert float(scores[row]) == pytest.approx(float(expected[0]))
+    assert torch.equal(maps, per_scale[0])  # map_norm none: the output map is the raw map
+    with pytest.raises(ValueError, match="at least 2 held-out normal"):
+        cross_fitted(per_scale, nll, normal[:1], torch.zeros(12, dtype=torch.long), size, **options)
+
+
 def replace_model(cfg, **values):
     from fastflow.config import with_overrides
     return with_overrides(cfg, {"model": values})
@@ -200,16 +229,22 @@ def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_r
     assert (stored is not None) == uses_stats
     if cfg.train.ema_halflife > 0:  # the unselected (raw) weights are logged alongside
         assert all(0.0 <= row["eval/raw_image_auroc"] <= 1.0 for row in result.history)
-    # the Predictor rebuilt from the checkpoint reproduces the scores evaluation saw on the validation images
-    # (held-out normals + their synthetic anomalies, built as training built them; the stored range comes from them)
+    # the Predictor rebuilt from the checkpoint scores the test images as evaluation did at the chosen epoch
     from fastflow.data import ImageDataset, anomaly_spec, make_splits
-    validation = make_splits(cfg.data, seed=cfg.train.seed).validation
-    dataset = ImageDataset(validation, cfg.model.input_size, anomaly_spec(cfg.data), seed=cfg.train.seed)
-    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    from fastflow.metrics import image_auroc
+    splits = make_splits(cfg.data, seed=cfg.train.seed)
+    test = ImageDataset(splits.test, cfg.model.input_size)
     predictor = Predictor(result.checkpoint)
-    predictions = predictor.predict_tensor(images)
+    test_scores = predictor.predict_tensor(torch.stack([test[i][0] for i in range(len(test))])).scores
+    assert image_auroc(np.array([s.label for s in splits.test]), test_scores) == pytest.approx(
+        result.checkpoint["metrics"]["eval/image_auroc"], abs=1e-6)
+    # the stored range comes from the validation images (held-out normals + their synthetic anomalies); with
+    # statistics they were scored leave-one-out, as a new part is (test_cross_fitted_* check that scoring)
+    dataset = ImageDataset(splits.validation, cfg.model.input_size, anomaly_spec(cfg.data), seed=cfg.train.seed)
+    predictions = predictor.predict_tensor(torch.stack([dataset[i][0] for i in range(len(dataset))]))
     scores = predictions.scores
-    assert [scores.min(), scores.max()] == pytest.approx(result.checkpoint["score_range"], rel=1e-4, abs=1e-4)
+    if not uses_stats:
+        assert [scores.min(), scores.max()] == pytest.approx(result.checkpoint["score_range"], rel=1e-4, abs=1e-4)
     if cfg.model.image_score == "max":  # predict's masks read the map the score reads: flagged iff a pixel is
         assert np.array_equal(predictions.is_anomalous, predictions.maps.max(axis=(1, 2)) >= predictor.threshold)
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fastflow.protocol import LEAK_FREE, PAPER, names_key, resolve_selection, resolve_threshold
-from fastflow.selection import OPTIMISM_KEY, POINTS_KEY, SPEARMAN_KEY, fidelity
+from fastflow.selection import (OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY, fidelity, reliability_words,
+                                split_half_reliability)
 from fastflow.train import epoch_fidelity
 
 
@@ -38,9 +40,28 @@ def test_epoch_fidelity_uses_evaluated_epochs_and_the_chosen_one() -> None:
                {"epoch": 3, "train/loss": 2.0},
                {"epoch": 4, "eval/val_image_auroc": 0.9, "eval/image_auroc": 0.5},
                {"epoch": 5, "eval/val_image_auroc": 0.7, "eval/image_auroc": 0.55}]
-    figures = epoch_fidelity(history, best_epoch=4)
+    labels = np.array([0] * 10 + [1] * 10)
+    scores = {e: np.random.default_rng(e).normal(size=20) + labels * e for e in (2, 4, 5)}
+    figures = epoch_fidelity(history, 4, scores, labels)
     assert figures.points == 3 and figures.optimism == pytest.approx(0.1) and figures.spearman == pytest.approx(-0.5)
-    assert epoch_fidelity([{"epoch": 1, "eval/image_auroc": 0.6}], 1) is None  # no validation score
+    assert -1.0 <= figures.test_reliability <= 1.0 and RELIABILITY_KEY in figures.metrics()
+    assert epoch_fidelity([{"epoch": 1, "eval/image_auroc": 0.6}], 1, scores, labels) is None  # no validation score
+
+
+def test_split_half_reliability_tells_a_real_order_from_noise() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 40 + [1] * 40)
+    base = rng.normal(size=80) + labels
+    # candidates that really differ (the defects stand out more and more): both halves agree on the order
+    ordered = [base + labels * step + rng.normal(scale=0.05, size=80) for step in (0.0, 0.5, 1.0, 1.5, 2.0)]
+    assert split_half_reliability(labels, ordered) > 0.9
+    # candidates equal but for per-image jitter (a flat test curve): the halves' orders are unrelated
+    flat = [base + rng.normal(scale=0.3, size=80) for _ in range(8)]
+    assert abs(split_half_reliability(labels, flat)) < 0.3
+    assert "noise" in reliability_words(-0.1) and "ranks" in reliability_words(0.8)
+    assert math.isnan(split_half_reliability(labels, ordered[:2]))  # fewer than 3 candidates
+    with pytest.raises(ValueError, match="one row of 80"):
+        split_half_reliability(labels, [base[:10]] * 3)
 
 
 def test_selection_is_leak_free_whenever_normals_are_held_out() -> None:
