@@ -77,8 +77,9 @@ def test_sigterm_ends_a_training_run_killed(stores, synthetic_root):
     run = _wait(running_run, what="running train")
     time.sleep(random.uniform(0.5, 3.0))
     train.send_signal(signal.SIGTERM)  # what timeout(1), batch schedulers and docker stop send
-    assert train.wait(timeout=120) == 143
-    assert "terminated (SIGTERM)" in train.stderr.read().decode()
+    code = train.wait(timeout=120)
+    error = train.stderr.read().decode()
+    assert code == 143 and "terminated (SIGTERM)" in error, error[-2000:]
     ended = client.get_run(run.info.run_id)
     assert ended.info.status == "KILLED" and ended.data.tags["error"] == "terminated (SIGTERM)"
 

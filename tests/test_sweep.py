@@ -298,8 +298,9 @@ def test_ctrl_c_marks_trial_and_runs(stores, synthetic_root):
     wait_for_running_trial("fastflow-synthetic-tiny", storage)
     time.sleep(2)
     os.killpg(sweep.pid, signal.SIGINT)
-    assert sweep.wait(timeout=120) == 130
-    assert "interrupted" in sweep.stderr.read().decode()
+    code = sweep.wait(timeout=120)
+    error = sweep.stderr.read().decode()
+    assert code == 130 and "interrupted" in error, error[-2000:]
 
     trial = optuna.load_study(study_name="fastflow-synthetic-tiny", storage=storage).trials[0]
     assert trial.state == TrialState.FAIL

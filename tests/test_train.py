@@ -87,6 +87,9 @@ def test_run_is_finished_with_one_value_per_epoch(tracked_run) -> None:
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
     assert best["fidelity/optimism"] == pytest.approx(max(test.values()) - test[result.best_epoch])
     assert best["fidelity/points"] == 3 and result.fidelity.points == 3
+    reliability = result.fidelity.test_reliability  # NaN (not logged) when the epochs tie on every halving
+    assert ("fidelity/test_reliability" in best) == math.isfinite(reliability)
+    assert best.get("fidelity/test_reliability", 0.0) == pytest.approx(0.0 if math.isnan(reliability) else reliability)
 
 
 def test_run_params_tags_and_learning(tracked_run) -> None:
