@@ -40,7 +40,7 @@ promote: install
 	$(BIN)/fastflow promote --category $(or $(CATEGORY),synthetic)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 test-all: install
 	$(BIN)/python -m pytest -q -m ""
