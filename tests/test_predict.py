@@ -24,7 +24,7 @@ from fastflow.registry import promote
 from fastflow.tracking import start_run
 from fastflow.train import train_and_evaluate
 
-from conftest import fast_config
+from conftest import fast_config, mlflow_store
 
 TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8")
 
@@ -35,7 +35,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     tmp = tmp_path_factory.mktemp("predict")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp / 'mlflow.db'}")
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp))
         cfg = fast_config(tmp, *TINY, f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}",
                           data_root=synthetic_root)
         with start_run(cfg) as tracker:

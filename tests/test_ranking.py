@@ -17,6 +17,8 @@ from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.sweep import best_trial
 from fastflow.tracking import ensure_experiment, log_pyfunc_model
 
+from conftest import mlflow_store
+
 
 def _study(rows: list[tuple[float, dict]]) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
@@ -46,7 +48,7 @@ def test_best_trial_breaks_ties_with_the_same_protocols_metrics() -> None:
 
 
 def test_promotion_breaks_ties_with_pixel_auroc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     client = MlflowClient()
     experiment_id = ensure_experiment("ranking", os.environ["MLFLOW_TRACKING_URI"])

@@ -14,6 +14,8 @@ from fastflow.paper import CAIT_PER_CATEGORY
 from fastflow.protocol import LEAK_FREE, PAPER
 from fastflow.report import write_report
 
+from conftest import mlflow_store
+
 EXPERIMENT = "report-tests"
 
 # (category, backbone, status, best/image_auroc, best/pixel_auroc, best/aupro)
@@ -34,7 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory):
     tmp_path = tmp_path_factory.mktemp("report-store")
     before = os.environ.get("MLFLOW_TRACKING_URI")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
         yield _fill(tmp_path)
     mlflow.set_tracking_uri(before)

@@ -24,6 +24,8 @@ from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.space import load_space
 from fastflow.sweep import SweepSettings, objective_name, run_sweep, summary_table, trial_rank
 
+from conftest import mlflow_store
+
 REPO = Path(__file__).resolve().parents[1]
 
 TINY_SPACE = """
@@ -50,7 +52,7 @@ pruner: median
 @pytest.fixture
 def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
     """MLflow and Optuna stores in tmp_path, through the same environment variables users set."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
     monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     return {"tmp": tmp_path}

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from conftest import mlflow_store
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -46,7 +48,7 @@ def _alive(pid: int) -> bool:
 
 def test_ui_link_after_the_server_answers_and_sigterm_stops_it(tmp_path: Path) -> None:
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store(tmp_path)}
     ui = subprocess.Popen([sys.executable, "-m", "fastflow.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
