@@ -15,7 +15,6 @@ Protocol of every number: validation = held-out normals + synthetic anomalies; t
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import per_seed  # noqa: E402  (benchmarks/per_seed.py)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -188,24 +189,5 @@ def summarize(out: Path) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", default="../shared/data/mvtec3d_tire")
-    parser.add_argument("--category", default="tire")
-    parser.add_argument("--preset", default="experiments/efficientnet_lite0.yaml")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    parser.add_argument("--cache-dir", default=".cache/features")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/valexp"))
-    parser.add_argument("--summarize", action="store_true", help="only print the table of what --out holds")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if not args.summarize:
-        args.out.mkdir(parents=True, exist_ok=True)
-        for seed in args.seeds:
-            (args.out / f"seed{seed}.json").write_text(json.dumps(run_seed(args, seed), indent=1))
-    print(summarize(args.out))
-
-
 if __name__ == "__main__":
-    main()
+    per_seed.main(__doc__, "/tmp/valexp", run_seed, summarize)
