@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import statistics
 import time
@@ -32,45 +31,26 @@ import per_seed  # noqa: E402  (benchmarks/per_seed.py)
 
 import torch  # noqa: E402
 
-from fastflow.config import load_config  # noqa: E402
-from fastflow.data import ImageDataset, anomaly_spec, make_splits  # noqa: E402
+from fastflow.data import ImageDataset, anomaly_spec  # noqa: E402
 from fastflow.evaluate import evaluate_split, held_out_stats  # noqa: E402
 from fastflow.features import encode  # noqa: E402
-from fastflow.model import FastFlow  # noqa: E402
 from fastflow.selection import fidelity, split_half_reliability  # noqa: E402
-from fastflow.train import _train_batches, encode_splits, lr_factor, seed_everything, train_epoch  # noqa: E402
 
 log = logging.getLogger("cross_fit")
 COPIES = (2, 6)  # the old default, and the new one: three times as many anomalous copies (less noise)
 
 
 def run_seed(args, seed: int) -> dict:
-    overrides = [f"data.root={args.root}", f"data.category={args.category}", f"train.seed={seed}",
-                 f"train.epochs={args.epochs}", "train.num_threads=1", "tracking.enabled=false",
-                 f"train.cache_dir={args.cache_dir}"]
-    cfg = load_config(Path(args.preset), overrides)
-    seed_everything(seed)
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    splits = make_splits(cfg.data, 0, seed)
-    model = FastFlow(cfg.model).to(device)
-    encoded = encode_splits(model, cfg, splits, device)
+    cfg, splits, model, encoded, device = per_seed.prepared(args, seed)
     validations = {}
     for copies in COPIES:
         dataset = ImageDataset(splits.validation, cfg.model.input_size, replace(anomaly_spec(cfg.data), copies=copies),
                                seed=seed)
         validations[copies] = encode(model, dataset, cfg.eval.batch_size, device, desc=f"{copies} copies")
 
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps = math.ceil(len(splits.train) / cfg.train.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, steps * cfg.train.epochs, steps * cfg.train.warmup_epochs, cfg.train.cosine))
-    generator = torch.Generator().manual_seed(seed)
     history = []
-    for epoch in range(1, cfg.train.epochs + 1):
-        start = time.perf_counter()
-        loss, _ = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator), optimizer,
-                              scheduler, cfg, device, epoch)
+    start = time.perf_counter()
+    for epoch, loss in per_seed.trained_epochs(model, cfg, splits, encoded, device, seed):
         stats = held_out_stats(model, validations[COPIES[0]], cfg, device)
         tested = evaluate_split(model, encoded.test, cfg, device, stats=stats)
         test = tested.metrics
@@ -90,6 +70,7 @@ def run_seed(args, seed: int) -> dict:
                  time.perf_counter() - start, row["test"]["image_auroc"],
                  row["val"]["in-sample stats, 2 copies"]["image_auroc"],
                  row["val"]["leave-one-out stats, 2 copies"]["image_auroc"])
+        start = time.perf_counter()
     return {"seed": seed, "preset": args.preset, "category": args.category, "held_out": splits.validation_source,
             "anomalies": anomaly_spec(cfg.data).cache_tag(), "test_labels": encoded.test.labels.tolist(),
             "history": history}

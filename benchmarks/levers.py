@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections import defaultdict
@@ -38,7 +37,7 @@ from fastflow.model import FastFlow  # noqa: E402
 from fastflow.protocol import LEAK_FREE, PAPER  # noqa: E402
 from fastflow.anomaly_map import fuse, image_score as map_image_score, scale_maps  # noqa: E402
 from fastflow.scoring import image_nll, nll_image_score, normal_stats, standardise  # noqa: E402
-from fastflow.train import _train_batches, encode_splits, lr_factor, seed_everything, train_epoch  # noqa: E402
+from fastflow.train import _train_batches, encode_splits, make_optimizer, seed_everything, train_epoch  # noqa: E402
 
 MAPS = ("z2", "nll")
 NORMS = ("none", "scale", "position")
@@ -115,10 +114,7 @@ def run(args: argparse.Namespace) -> None:
         seed_everything(seed)
         model = FastFlow(cfg.model)
         encoded = encode_splits(model, cfg, splits, device)
-        optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        steps = math.ceil(len(splits.train) / cfg.train.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step, c=cfg, s=steps: lr_factor(
-            step, s * c.train.epochs, s * c.train.warmup_epochs, c.train.cosine))
+        optimizer, scheduler, steps = make_optimizer(model, cfg, len(splits.train))
         ema = make_ema(model, ema_decay(args.ema_halflife, steps))
         states.append(dict(seed=seed, cfg=cfg, model=model, encoded=encoded, optimizer=optimizer,
                            scheduler=scheduler, ema=ema, generator=torch.Generator().manual_seed(seed)))

@@ -28,3 +28,39 @@ def main(doc: str, default_out: str, run_seed: Callable[[argparse.Namespace, int
         for seed in args.seeds:
             (args.out / f"seed{seed}.json").write_text(json.dumps(run_seed(args, seed), indent=1))
     print(summarize(args.out))
+
+
+def trained_epochs(model, cfg, splits, encoded, device, seed: int):
+    """Train as `fastflow.train` does, one epoch at a time; yields (epoch, mean loss) for the caller to score
+    the model after each epoch."""
+    import torch
+
+    from fastflow.train import _train_batches, make_optimizer, train_epoch
+
+    optimizer, scheduler, _ = make_optimizer(model, cfg, len(splits.train))
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(1, cfg.train.epochs + 1):
+        loss, _ = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator), optimizer,
+                              scheduler, cfg, device, epoch)
+        yield epoch, loss
+
+
+def prepared(args: argparse.Namespace, seed: int):
+    """The preset with the command line's data and `seed`, on one CPU thread, untracked: (config, splits, an
+    untrained model, the splits' backbone features through the feature cache, device)."""
+    import torch
+
+    from fastflow.config import load_config
+    from fastflow.data import make_splits
+    from fastflow.model import FastFlow
+    from fastflow.train import encode_splits, seed_everything
+
+    cfg = load_config(Path(args.preset), [f"data.root={args.root}", f"data.category={args.category}",
+                                          f"train.seed={seed}", f"train.epochs={args.epochs}", "train.num_threads=1",
+                                          "tracking.enabled=false", f"train.cache_dir={args.cache_dir}"])
+    seed_everything(seed)
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    splits = make_splits(cfg.data, 0, seed)
+    model = FastFlow(cfg.model).to(device)
+    return cfg, splits, model, encode_splits(model, cfg, splits, device), device

@@ -34,13 +34,10 @@ from torch.utils.data import Subset  # noqa: E402
 from fastflow import metrics as M  # noqa: E402
 from fastflow.anomalies import AnomalySpec  # noqa: E402
 from fastflow.anomaly_map import anomaly_map, image_score  # noqa: E402
-from fastflow.config import load_config  # noqa: E402
-from fastflow.data import ImageDataset, make_splits  # noqa: E402
+from fastflow.data import ImageDataset  # noqa: E402
 from fastflow.evaluate import predict_maps  # noqa: E402
 from fastflow.features import EncodedSplit, encode  # noqa: E402
-from fastflow.model import FastFlow  # noqa: E402
 from fastflow.selection import fidelity  # noqa: E402
-from fastflow.train import _train_batches, encode_splits, lr_factor, seed_everything, train_epoch  # noqa: E402
 
 ALL = ("cutpaste", "scar", "texture", "distortion", "painted")
 CANDIDATES = {  # one anomalous copy per held-out normal, so each candidate costs 29 images on tire
@@ -86,15 +83,7 @@ def concat(splits: list[EncodedSplit]) -> EncodedSplit:
 
 
 def run_seed(args, seed: int) -> dict:
-    cfg = load_config(Path(args.preset), [f"data.root={args.root}", f"data.category={args.category}",
-                                          f"train.seed={seed}", f"train.epochs={args.epochs}", "train.num_threads=1",
-                                          "tracking.enabled=false", f"train.cache_dir={args.cache_dir}"])
-    seed_everything(seed)
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    splits = make_splits(cfg.data, 0, seed)
-    model = FastFlow(cfg.model).to(device)
-    encoded = encode_splits(model, cfg, splits, device)
+    cfg, splits, model, encoded, device = per_seed.prepared(args, seed)
     size = cfg.model.input_size
     parts = [encode(model, ImageDataset(splits.validation, size), cfg.eval.batch_size, device, desc="normals")]
     bounds = {}
@@ -111,16 +100,9 @@ def run_seed(args, seed: int) -> dict:
     labels = validation.labels.numpy()
     test_masks, test_labels = encoded.test.masks[:, 0].numpy(), encoded.test.labels.numpy()
 
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps = math.ceil(len(splits.train) / cfg.train.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, steps * cfg.train.epochs, steps * cfg.train.warmup_epochs, cfg.train.cosine))
-    generator = torch.Generator().manual_seed(seed)
     history = []
-    for epoch in range(1, cfg.train.epochs + 1):
-        start = time.perf_counter()
-        loss, _ = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator), optimizer,
-                              scheduler, cfg, device, epoch)
+    start = time.perf_counter()
+    for epoch, loss in per_seed.trained_epochs(model, cfg, splits, encoded, device, seed):
         row = {"epoch": epoch, "loss": loss, "test": {}, "val": {}}
         test_maps, val_maps = maps_of(model, encoded.test, cfg, device), maps_of(model, validation, cfg, device)
         row["val_normal_loss"] = predict_maps(model, parts[0], cfg, device)[1]  # NLL of the held-out normals
@@ -133,6 +115,7 @@ def run_seed(args, seed: int) -> dict:
         history.append(row)
         log.info("seed %d epoch %d (%.0f s): test nll %.3f, mix %.3f", seed, epoch, time.perf_counter() - start,
                  row["test"]["nll"]["image_auroc"], row["val"]["nll"]["mix s=0-1"]["image_auroc"])
+        start = time.perf_counter()
     return {"seed": seed, "preset": args.preset, "category": args.category, "held_out": splits.validation_source,
             "candidates": {k: v.cache_tag() for k, v in CANDIDATES.items()}, "history": history}
 

@@ -201,6 +201,16 @@ def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
             if keep_backbone or not k.startswith("backbone.")}
 
 
+def make_optimizer(model: FastFlow, cfg: RunConfig, n_train: int):
+    """Adam over the norms and flows, its learning-rate schedule (warm-up, then cosine over the whole run, stepped
+    once per optimizer step) and the optimizer steps per epoch."""
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(n_train / cfg.train.batch_size) / cfg.train.grad_accum_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.warmup_epochs, cfg.train.cosine))
+    return optimizer, scheduler, steps_per_epoch
+
+
 def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                        on_evaluation: Optional[Callable[[int, dict[str, float]], None]] = None) -> TrainResult:
     """Train FastFlow on `cfg.data`, evaluating every `eval.eval_every` epochs; keep the best epoch."""
@@ -233,10 +243,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         tracker.log_dataset(cfg.data.category, data_hash, str(Path(cfg.data.root).resolve()),
                             {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
     encoded = encode_splits(model, cfg, splits, device)
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(splits.train) / cfg.train.batch_size) / cfg.train.grad_accum_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.warmup_epochs, cfg.train.cosine))
+    optimizer, scheduler, steps_per_epoch = make_optimizer(model, cfg, len(splits.train))
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
