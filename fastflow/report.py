@@ -131,13 +131,15 @@ def study_rows(runs: list) -> list[StudyRow]:
     return sorted(rows, key=lambda r: (r.category, r.study))
 
 
-STUDY_HEADER = ["study", "category", "selection", "complete trials", "Spearman(val, test)", "optimism"]
+STUDY_HEADER = ["study", "category", "selection", "complete trials", "Spearman(val, test)", "optimism",
+                "test reliability"]
 
 
 def study_cells(row: StudyRow) -> list[str]:
     points = row.fidelity.get("points")
     return [row.study, row.category, row.protocol, "-" if points is None else str(int(points)),
-            _fmt(row.fidelity.get("spearman"), signed=True), _fmt(row.fidelity.get("optimism"))]
+            _fmt(row.fidelity.get("spearman"), signed=True), _fmt(row.fidelity.get("optimism")),
+            _fmt(row.fidelity.get("test_reliability"), signed=True)]
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -217,7 +219,8 @@ INTRO = ("Best FINISHED run per (category, backbone, selection protocol) in MLfl
          "paper = FastFlow (arXiv 2111.07677) with CaiT, per category, whatever our "
          "backbone; seed = the seed implementation (CaiT). diff = ours − paper. The paper reports no AUPRO.")
 STUDIES_INTRO = ("Selection fidelity of each study across its complete trials: Spearman of the trials' validation "
-                 "and test image AUROC; optimism = best test image AUROC among the trials minus the chosen trial's.")
+                 "and test image AUROC; optimism = best test image AUROC among the trials minus the chosen trial's; "
+                 "test reliability = Spearman of the trials' test image AUROC between two halves of the test set.")
 
 
 def markdown(rows: list[ReportRow], experiment: str, generated: str, studies: Optional[list[StudyRow]] = None) -> str:

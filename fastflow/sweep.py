@@ -20,7 +20,7 @@ import socket
 import time
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -34,14 +34,14 @@ from .paper import paper_numbers
 from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol_for_metric,
                        protocol_for_objective, ranking_key)
 from .redact import redact
-from .selection import Fidelity, fidelity, reliability_words
+from .selection import Fidelity, fidelity, reliability_words, split_half_reliability
 from .registry import Promotion, promote
 from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
 from .study_page import figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
-                       finish_parent_run, get_run, read_artifact, record_lost_run, start_parent_run, start_run,
-                       tracking_uri, trial_runs)
+                       finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, start_parent_run,
+                       start_run, tracking_uri, trial_runs)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -433,15 +433,20 @@ def best_trial(study: optuna.Study, protocol: Protocol) -> Optional[FrozenTrial]
 
 
 def trial_fidelity(study: optuna.Study, protocol: Protocol) -> Optional[Fidelity]:
-    """Validation vs test image AUROC (each at its trial's selected epoch) across the complete trials;
-    the selected trial is the study's best. None when the trials have no validation score."""
+    """Validation vs test image AUROC (each at its trial's selected epoch) across the complete trials, the
+    selected trial being the study's best, and how reliably the test set ranks those trials (from each trial's
+    per-image test scores). None when the trials have no validation score."""
     best = best_trial(study, protocol)
     rows = [t for t in study.trials if t.state == TrialState.COMPLETE
             and "val_image_auroc" in t.user_attrs and "image_auroc" in t.user_attrs]
     if best is None or best not in rows:
         return None
-    return fidelity([t.user_attrs["val_image_auroc"] for t in rows], [t.user_attrs["image_auroc"] for t in rows],
-                    rows.index(best))
+    figures = fidelity([t.user_attrs["val_image_auroc"] for t in rows], [t.user_attrs["image_auroc"] for t in rows],
+                       rows.index(best))
+    scores = [read_test_scores(t.user_attrs["mlflow_run_id"]) for t in rows]
+    if any(s is None for s in scores) or len({tuple(s["images"]) for s in scores}) != 1:
+        return figures  # a trial without per-image scores, or on other test images: no reliability
+    return replace(figures, test_reliability=split_half_reliability(scores[0]["labels"], [s["scores"] for s in scores]))
 
 
 def study_figures(study: optuna.Study, protocol: Protocol) -> dict:

@@ -43,6 +43,7 @@ LOCAL_STORE = Path("mlruns")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
 BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain artifact
+TEST_SCORES = "test_scores.json"  # per-image test-set scores at the best epoch (test protocol data, for analysis)
 MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32, (-1,)),
                  ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
 
@@ -169,6 +170,8 @@ class MlflowTracker:
             self.set_tags({"threshold_kind": kind, "threshold": f"{result.checkpoint['thresholds'][kind]:.6g}"})
         figure = curves_figure(result.history)
         self.client.log_figure(self.run_id, figure, "curves.png")
+        if result.test_scores:  # per-image test scores at the best epoch: for analysis and the study's reliability
+            self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
         self._log_best_heatmaps(result.best_epoch)
         with tempfile.TemporaryDirectory() as folder:
             config_path = Path(folder) / "config.yaml"
@@ -313,6 +316,12 @@ def child_run_summaries(parent_run_id: str) -> dict[str, dict]:
     return {run.info.run_id: {"name": run.info.run_name, "status": run.info.status,
                               "experiment_id": run.info.experiment_id, "metrics": dict(run.data.metrics),
                               "tags": dict(run.data.tags)} for run in runs}
+
+
+def read_test_scores(run_id: str) -> Optional[dict]:
+    """A run's per-image test scores at its best epoch (`TEST_SCORES`), or None when it has none."""
+    data = read_artifact(run_id, TEST_SCORES)
+    return json.loads(data) if data is not None else None
 
 
 def read_artifact(run_id: str, path: str) -> Optional[bytes]:

@@ -62,6 +62,7 @@ class TrainResult:
     inference_images_per_s: float = 0.0
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     selection_protocol: str = ""  # Protocol.label of the best-epoch choice
+    test_scores: dict = field(default_factory=dict)  # at the best epoch: images (defect/file), labels, scores
     threshold_source: str = ""
     fidelity: Optional[Fidelity] = None  # validation vs test across evaluated epochs (None without held-out normals)
 
@@ -280,6 +281,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                 result.best_epoch, result.best_metrics = epoch, dict(metrics)
                 result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation,
                                                     validation if encoded.validation is not None else None, stats)
+                result.test_scores = {"images": [f"{s.defect}/{Path(s.image).name}" for s in splits.test],
+                                      "labels": evaluation.labels.tolist(), "scores": evaluation.scores.tolist()}
             if tracker is not None:
                 tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
                                           encoded.test.masks[shown], evaluation.shown_maps,

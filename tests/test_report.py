@@ -137,7 +137,8 @@ def test_each_row_is_chosen_by_its_own_protocol(store, tmp_path: Path) -> None:
     study = client.create_run(experiment_id, run_name="fastflow-bottle-demo",
                               tags={"role": "study", "study": "fastflow-bottle-demo", "category": "bottle",
                                     "selection_protocol": LEAK_FREE.label})
-    for key, value in (("fidelity/spearman", 0.55), ("fidelity/optimism", 0.02), ("fidelity/points", 8)):
+    for key, value in (("fidelity/spearman", 0.55), ("fidelity/optimism", 0.02), ("fidelity/points", 8),
+                       ("fidelity/test_reliability", 0.7)):
         client.log_metric(study.info.run_id, key, value)
     client.set_terminated(study.info.run_id, "FINISHED")
 
@@ -151,4 +152,4 @@ def test_each_row_is_chosen_by_its_own_protocol(store, tmp_path: Path) -> None:
     assert "| 1.000 | 0.950 | +0.600 | 0.050 | -0.200 | - | leak-free |" in markdown
     assert "| bottle | resnet18 | 0.980 |" in markdown and "| test-set |" in markdown
     assert "## Studies: selection fidelity" in markdown
-    assert f"| fastflow-bottle-demo | bottle | {LEAK_FREE.label} | 8 | +0.550 | 0.020 |" in markdown
+    assert f"| fastflow-bottle-demo | bottle | {LEAK_FREE.label} | 8 | +0.550 | 0.020 | +0.700 |" in markdown

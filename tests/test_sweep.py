@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import signal
@@ -16,11 +18,13 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
+from sklearn.metrics import roc_auc_score
 
 from fastflow import cli
 from fastflow.config import ConfigError
 from fastflow.protocol import LEAK_FREE, PAPER
 from fastflow.registry import CHAMPION, model_name, promote
+from fastflow.selection import split_half_reliability
 from fastflow.space import load_space
 from fastflow.sweep import SweepSettings, objective_name, run_sweep, summary_table, trial_rank
 
@@ -170,6 +174,15 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     best_test = max(t.user_attrs["image_auroc"] for t in complete)
     assert parent_metrics["fidelity/optimism"] == pytest.approx(best_test - best.user_attrs["image_auroc"])
     assert f"selection fidelity over {len(complete)} complete trials" in summary
+    # each trial's per-image test scores at its best epoch, and the study's test reliability computed from them
+    scores = [json.loads(mlflow.artifacts.load_text(f"runs:/{t.user_attrs['mlflow_run_id']}/test_scores.json"))
+              for t in complete]
+    assert all(s["images"] == scores[0]["images"] and len(s["scores"]) == len(s["labels"]) for s in scores)
+    assert all(roc_auc_score(s["labels"], s["scores"]) == pytest.approx(t.user_attrs["image_auroc"])
+               for s, t in zip(scores, complete))
+    expected = split_half_reliability(scores[0]["labels"], [s["scores"] for s in scores])
+    assert ("fidelity/test_reliability" in parent_metrics) == math.isfinite(expected)
+    assert parent_metrics.get("fidelity/test_reliability", 0.0) == pytest.approx(0.0 if math.isnan(expected) else expected)
     assert champion.tags["selection_protocol"] == LEAK_FREE.label
     assert champion.tags["threshold_source"] == "leak-free: quantile 0.99 of held-out normal scores"
 

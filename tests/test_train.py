@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from fastflow import cli
 from fastflow.config import RunConfig, flatten, load_config, replace
@@ -113,8 +114,12 @@ def test_run_artifacts(tracked_run, tmp_path: Path, synthetic_root: Path) -> Non
     cfg, result, run_id = tracked_run
     client = _client(cfg)
     paths = _artifact_paths(client, run_id)
-    for expected in ("curves.png", "config.yaml", "history.json", "checkpoint/checkpoint.pt"):
+    for expected in ("curves.png", "config.yaml", "history.json", "test_scores.json", "checkpoint/checkpoint.pt"):
         assert expected in paths, paths
+    scores = json.loads(Path(client.download_artifacts(run_id, "test_scores.json", str(tmp_path))).read_text())
+    assert len(scores["images"]) == len(scores["labels"]) == len(scores["scores"])
+    assert any(name.startswith("good/") for name in scores["images"])
+    assert roc_auc_score(scores["labels"], scores["scores"]) == pytest.approx(result.best_metrics["eval/image_auroc"])
     # one labelled heatmap grid per evaluation at step = epoch (MLflow's log_image(key, step) stores under
     # images/), and the best epoch's grid again at step 0, where the UI's step slider opens, and as a plain PNG
     heatmaps = {int(re.search(r"step\+(\d+)", p).group(1)): p
