@@ -29,7 +29,7 @@ def _train(args) -> int:
     best = {k.split("/")[-1]: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("eval/")}
     print(f"best epoch {result.best_epoch}, selected on {result.selection_protocol}: {best}")
     print(f"stored threshold: {result.threshold_source}")
-    from .sweep import fidelity_line
+    from .selection import fidelity_line
 
     print(fidelity_line(result.fidelity, "evaluated epochs"))
     print(f"train seconds/epoch {result.seconds_per_epoch:.1f}, inference {result.inference_images_per_s:.1f} images/s, "
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as error:  # runs and trials were already marked KILLED/FAIL on the way out
         return _interrupted(signals.exit_code(error))
     if signals.received() is not None:  # a signal whose exception was dropped on the way: never exit 0 after it
-        return _interrupted(signals.exit_code(signals.Interrupted(signals.received())))
+        return _interrupted(signals.Interrupted(signals.received()).exit_code)
     return code
 
 

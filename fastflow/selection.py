@@ -1,4 +1,4 @@
-"""Selection fidelity: can a choice made on the validation score be trusted on the test set? (maths only)
+"""Selection fidelity: can a choice made on the validation score be trusted on the test set? (no I/O)
 
 Over the candidates one selection chose among (the evaluated epochs of a run, the complete trials of a study):
 - `spearman`: Spearman rank correlation between the validation and the test image AUROC; near 1, the
@@ -97,5 +97,18 @@ def reliability_words(value: float) -> str:
     return "the test set ranks these candidates"
 
 
-__all__ = ["Fidelity", "fidelity", "split_half_reliability", "reliability_words", "SPEARMAN_KEY", "OPTIMISM_KEY", "POINTS_KEY",
-           "RELIABILITY_KEY"]
+def fidelity_line(figures: Optional[Fidelity], over: str) -> str:
+    """How far the selection can be trusted, in words and numbers, for the terminal."""
+    if figures is None:
+        return "selection fidelity: n/a (no validation score: no held-out normals)"
+    rho = "n/a (fewer than 3 points or a constant score)" if math.isnan(figures.spearman) else f"{figures.spearman:+.2f}"
+    line = (f"selection fidelity over {figures.points} {over}: Spearman(val, test image AUROC) {rho}; "
+            f"optimism {figures.optimism:.4f} (test AUROC of the test-best minus the chosen)")
+    if not math.isnan(figures.test_reliability):
+        reliability = figures.test_reliability
+        line += f"; test split-half reliability {reliability:+.2f} ({reliability_words(reliability)})"
+    return line
+
+
+__all__ = ["Fidelity", "fidelity", "split_half_reliability", "reliability_words", "fidelity_line", "SPEARMAN_KEY",
+           "OPTIMISM_KEY", "POINTS_KEY", "RELIABILITY_KEY"]

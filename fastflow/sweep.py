@@ -12,7 +12,6 @@ non-zero naming the trial; the parent run ends only when the study has no runnin
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import signal
@@ -34,7 +33,7 @@ from .paper import paper_numbers
 from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol_for_metric,
                        protocol_for_objective, ranking_key)
 from .redact import redact
-from .selection import Fidelity, fidelity, reliability_words, split_half_reliability
+from .selection import Fidelity, fidelity, fidelity_line, split_half_reliability
 from .registry import Promotion, promote
 from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
@@ -530,14 +529,3 @@ def summary_table(result: SweepResult, category: str, metric: str) -> str:
     lines.append(fidelity_line(result.fidelity, "complete trials"))
     return "\n".join(lines)
 
-
-def fidelity_line(figures: Optional[Fidelity], over: str) -> str:
-    """How far the selection can be trusted, in words and numbers, for the terminal."""
-    if figures is None:
-        return "selection fidelity: n/a (no validation score: no held-out normals)"
-    rho = "n/a (fewer than 3 points or a constant score)" if math.isnan(figures.spearman) else f"{figures.spearman:+.2f}"
-    line = (f"selection fidelity over {figures.points} {over}: Spearman(val, test image AUROC) {rho}; "
-            f"optimism {figures.optimism:.4f} (test AUROC of the test-best minus the chosen)")
-    if not math.isnan(figures.test_reliability):
-        line += f"; test split-half reliability {figures.test_reliability:+.2f} ({reliability_words(figures.test_reliability)})"
-    return line

@@ -237,8 +237,9 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
         end_run(run.info.run_id, "KILLED", interruption_note(error))
         raise
     except BaseException as error:
-        if received_signal() is not None:  # cleanup replaced the signal's exception with its own error
-            interrupted = Interrupted(received_signal())
+        signum = received_signal()
+        if signum is not None:  # cleanup replaced the signal's exception with its own error
+            interrupted = Interrupted(signum)
             end_run(run.info.run_id, "KILLED", interruption_note(interrupted))
             raise interrupted from error
         status = getattr(error, "mlflow_status", "FAILED")
