@@ -18,8 +18,8 @@ import optuna
 from optuna.trial import TrialState
 
 from .protocol import protocol_for_metric
-from .registry import CHAMPION, best_version
-from .tracking import connect, quoted
+from .registry import CHAMPION, best_version, model_versions
+from .tracking import connect
 
 AGREE = {TrialState.COMPLETE: {"FINISHED"}, TrialState.PRUNED: {"KILLED"}, TrialState.FAIL: {"FAILED", "KILLED"}}
 INTERRUPTED = ("interrupted", "terminated (SIGTERM)")
@@ -75,20 +75,20 @@ def check_registry() -> list[str]:
     client = connect()
     problems = []
     for model in client.search_registered_models():
-        versions = list(client.search_model_versions(f"name = {quoted(model.name)}"))
+        found = model_versions(client, model.name)
         seen: dict[str, str] = {}
-        for version in versions:
+        for version in found:
             if version.run_id in seen:
                 problems.append(f"{model.name}: v{seen[version.run_id]} and v{version.version} are one run "
                                 f"{version.run_id}")
             seen.setdefault(version.run_id, str(version.version))
-        if not versions:
+        if not found:
             continue
         champion = (model.aliases or {}).get(CHAMPION)
-        metric = next((v.tags.get("metric") for v in versions if v.tags.get("metric")), "image_auroc")
+        metric = next((v.tags.get("metric") for v in found if v.tags.get("metric")), "image_auroc")
         best = best_version(client, model.name, protocol_for_metric(metric))
         if champion is None:
-            problems.append(f"{model.name}: {len(versions)} versions but no @{CHAMPION}")
+            problems.append(f"{model.name}: {len(found)} versions but no @{CHAMPION}")
         elif best is not None and str(champion) != str(best.version):
             problems.append(f"{model.name}: @{CHAMPION} is v{champion}, the best version is v{best.version}")
     return problems
@@ -106,7 +106,7 @@ def check_secrets(secrets: Iterable[str], folders: Iterable[Path] = ()) -> list[
                 if any(s in value for s in secrets):
                     problems.append(f"run {run.info.run_id} {kind} {key} holds a secret")
     for model in client.search_registered_models():
-        for version in client.search_model_versions(f"name = {quoted(model.name)}"):
+        for version in model_versions(client, model.name):
             if any(s in value for value in version.tags.values() for s in secrets):
                 problems.append(f"{model.name} v{version.version} tags hold a secret")
     for folder in folders:

@@ -63,7 +63,8 @@ def best_run(category: str, metric: str, experiment: str = "fastflow", study: st
     return runs[0]
 
 
-def _versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+def model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
+    """Every version of registered model `name`."""
     return list(client.search_model_versions(f"name = {quoted(name)}"))
 
 
@@ -79,7 +80,7 @@ def tag_version_provenance(client: MlflowClient, name: str, version: str, run) -
 
 def _version_for_run(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
     """The run's version: its lowest, when racing promoters registered it twice."""
-    mine = [v for v in _versions(client, name) if v.run_id == run_id]
+    mine = [v for v in model_versions(client, name) if v.run_id == run_id]
     return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
@@ -118,7 +119,7 @@ def register_once(client: MlflowClient, name: str, run, metric: str) -> ModelVer
 def remove_twins(client: MlflowClient, name: str) -> None:
     """Delete second registrations left by a promoter killed between registering and resolving its twin."""
     by_run: dict[str, list[ModelVersion]] = {}
-    for version in _versions(client, name):
+    for version in model_versions(client, name):
         by_run.setdefault(version.run_id, []).append(version)
     for versions in by_run.values():
         keep, *twins = sorted(versions, key=lambda v: int(v.version))
@@ -139,7 +140,7 @@ def _rank(version: ModelVersion, protocol: Protocol) -> tuple[float, ...]:
 def best_version(client: MlflowClient, name: str, protocol: Protocol) -> Optional[ModelVersion]:
     """The version `@champion` should point at: the best by `protocol` among versions >= the floor tag."""
     floor = int(client.get_registered_model(name).tags.get(FLOOR_TAG, "0") or 0)
-    candidates = [v for v in _versions(client, name) if int(v.version) >= floor]
+    candidates = [v for v in model_versions(client, name) if int(v.version) >= floor]
     return max(candidates, key=lambda v: _rank(v, protocol)) if candidates else None
 
 
@@ -221,7 +222,7 @@ def _check_model_uri(uri: str) -> None:
         raise ValueError(f"model '{name}' has no alias '{alias}'; aliases: "
                          f"{', '.join(sorted(model.aliases or {})) or 'none'}")
     if version is not None and version.isdigit():
-        versions = sorted(int(v.version) for v in _versions(client, name))
+        versions = sorted(int(v.version) for v in model_versions(client, name))
         if int(version) not in versions:
             raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions))}")
 
