@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import bootstrap, mannwhitneyu
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate"]
+__all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate", "image_auroc_interval",
+           "pixel_auroc_interval", "INTERVAL_LEVEL", "interval_keys"]
+
+INTERVAL_LEVEL = 0.95  # the confidence level of every interval the harness prints or logs
+
+
+def interval_keys(metric: str) -> tuple[str, str]:
+    """The metric keys of `metric`'s bootstrap interval, e.g. `image_auroc_ci_low`, `image_auroc_ci_high`."""
+    return f"{metric}_ci_low", f"{metric}_ci_high"
 
 
 class NonFiniteError(ValueError):
@@ -178,3 +187,51 @@ def evaluate(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
         out["pixel_auroc"] = pixel_auroc(masks, maps)
         out["aupro"] = aupro(masks, maps, fpr_limit)
     return out
+
+
+def _auroc_of_groups(anomalous: np.ndarray, normal: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC of anomalous vs normal scores along `axis` (Mann-Whitney U / (n1 n0), ties count 1/2)."""
+    u = mannwhitneyu(anomalous, normal, axis=axis, method="asymptotic", use_continuity=False).statistic
+    return u / (anomalous.shape[axis] * normal.shape[axis])
+
+
+def image_auroc_interval(labels: np.ndarray, scores: np.ndarray, level: float = INTERVAL_LEVEL,
+                         resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the image AUROC over test images: normal and anomalous images are resampled
+    separately (stratified, so every resample has both classes), percentile method (scipy.stats.bootstrap)."""
+    s = _finite("scores", scores).ravel()
+    y = _binary_labels(labels, s.size)
+    if y.all() or not y.any():
+        raise ValueError("image_auroc_interval needs both normal (0) and anomalous (1) labels")
+    result = bootstrap((s[y], s[~y]), _auroc_of_groups, n_resamples=resamples, confidence_level=level,
+                       method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def pixel_auroc_interval(masks: np.ndarray, maps: np.ndarray, level: float = INTERVAL_LEVEL, resamples: int = 1000,
+                         seed: int = 0, bins: int = 2048) -> tuple[float, float]:
+    """Bootstrap interval of the pixel AUROC over test images (whole images are resampled, with their pixels;
+    images with and without defect pixels separately). Pixels are grouped into `bins` score quantiles, so each
+    resample costs a matrix product instead of a sort; the grouping moves the AUROC by well under 1e-3."""
+    gt, amap = _pixels(masks, maps)
+    if not gt.any() or gt.all():
+        raise ValueError("pixel_auroc_interval needs both normal and anomalous pixels in masks")
+    sample = amap.ravel()[:: max(1, amap.size // (bins * 256))]  # quantile edges from a regular subsample
+    edges = np.unique(np.quantile(sample, np.linspace(0, 1, bins + 1)[1:-1]))
+    which = np.searchsorted(edges, amap.reshape(len(amap), -1), side="right")  # (N, pixels) bin per pixel
+    offsets = np.arange(len(amap))[:, None] * (len(edges) + 1)
+    count = lambda sel: np.bincount((which + offsets)[sel.reshape(len(amap), -1)],
+                                    minlength=len(amap) * (len(edges) + 1)).reshape(len(amap), -1)
+    positive, negative = count(gt), count(~gt)  # (N, bins) pixel counts per image
+    rng = np.random.default_rng(seed)
+    defective = gt.reshape(len(gt), -1).any(axis=1)
+    weights = np.zeros((resamples, len(amap)))
+    for group in (np.flatnonzero(defective), np.flatnonzero(~defective)):
+        if len(group):
+            picks = rng.integers(0, len(group), size=(resamples, len(group)))
+            np.add.at(weights, (np.arange(resamples)[:, None], group[picks]), 1.0)
+    pos, neg = weights @ positive, weights @ negative  # (resamples, bins)
+    below = np.cumsum(neg, axis=1) - neg  # normal pixels in lower bins
+    auroc = (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
+    alpha = (1 - level) / 2
+    return float(np.quantile(auroc, alpha)), float(np.quantile(auroc, 1 - alpha))

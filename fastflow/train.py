@@ -28,6 +28,7 @@ from .ema import ema_decay, make_ema
 from .evaluate import evaluate_split, heatmap_indices, held_out_stats, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
+from . import metrics as M
 from .metrics import NonFiniteError
 from .model import FastFlow, count_parameters
 from .protocol import names_key, resolve_selection, resolve_threshold
@@ -270,6 +271,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
             if ema is not None:
                 other = "raw" if cfg.eval.weights == "ema" else "ema"
                 metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg, device))
+            validation = None
             if encoded.validation is not None:
                 validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, stats=stats, cross_fit=True)
                 metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
@@ -278,9 +280,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
             key = names_key(metrics, ranking, "eval/")
             if best_key is None or key > best_key:  # ties keep the earlier epoch
                 best_key = key
-                result.best_epoch, result.best_metrics = epoch, dict(metrics)
-                result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation,
-                                                    validation if encoded.validation is not None else None, stats)
+                result.best_epoch, result.best_metrics = epoch, {**metrics, **best_intervals(evaluation, validation, encoded)}
+                result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation, validation, stats)
                 result.test_scores = {"images": [f"{s.defect}/{Path(s.image).name}" for s in splits.test],
                                       "labels": evaluation.labels.tolist(), "scores": evaluation.scores.tolist()}
             if tracker is not None:
@@ -310,6 +311,16 @@ def _evaluate_finite(model: FastFlow, split, cfg: RunConfig, device: torch.devic
     except NonFiniteError as error:
         raise NonFiniteLossError(f"anomaly scores are NaN or infinite after epoch {epoch} ({error}): the flow "
                                  f"diverged; train.lr={cfg.train.lr} may be too high") from None
+
+
+def best_intervals(evaluation, validation, encoded: Encoded) -> dict[str, float]:
+    """`eval/<metric>_ci_low/high`: bootstrap intervals over images of the test image and pixel AUROC and of the
+    validation image AUROC, computed for a new best epoch only (a few seconds per evaluation)."""
+    values = {f"eval/{k}": v for k, v in evaluation.intervals(encoded.test.masks).items()}
+    if validation is not None:
+        low, high = M.image_auroc_interval(validation.labels, validation.scores)
+        values.update(zip((f"eval/{k}" for k in M.interval_keys("val_image_auroc")), (low, high)))
+    return values
 
 
 def normal_statistics(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: torch.device) -> Optional[NormalStats]:

@@ -1,5 +1,6 @@
 """Tests for fastflow.metrics."""
 
+import math
 from bisect import bisect
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
 
-from fastflow.metrics import aupro, evaluate, f1_max, image_auroc, pixel_auroc
+from fastflow.metrics import (aupro, evaluate, f1_max, image_auroc, image_auroc_interval, pixel_auroc,
+                             pixel_auroc_interval)
 
 
 def _mvtec_aupro(masks, maps, x_max):
@@ -215,3 +217,54 @@ def test_evaluate_omits_pixel_metrics_without_anomalous_pixels():
     out = evaluate(np.array([0, 1, 1]), np.array([0.2, 0.7, 0.1]), masks, maps)
     assert set(out) == {"image_auroc", "f1_max", "f1_threshold"}
     assert out["image_auroc"] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- bootstrap intervals over test images
+
+
+def _hanley_mcneil_se(auc: float, n_pos: int, n_neg: int) -> float:
+    """The classic closed-form standard error of an AUROC (Hanley & McNeil 1982)."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    return math.sqrt((auc * (1 - auc) + (n_pos - 1) * (q1 - auc**2) + (n_neg - 1) * (q2 - auc**2)) / (n_pos * n_neg))
+
+
+def test_image_auroc_interval_brackets_the_estimate_with_the_textbook_width() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(41), np.ones(119)].astype(int)  # the screw test set's class sizes
+    scores = rng.normal(size=160) + labels * 1.2
+    auc = image_auroc(labels, scores)
+    low, high = image_auroc_interval(labels, scores)
+    assert low < auc < high
+    expected = 2 * 1.96 * _hanley_mcneil_se(auc, 119, 41)
+    assert (high - low) == pytest.approx(expected, rel=0.25)
+    many = np.r_[np.zeros(410), np.ones(1190)].astype(int)  # ten times the images: about sqrt(10) narrower
+    low10, high10 = image_auroc_interval(many, rng.normal(size=1600) + many * 1.2)
+    assert (high10 - low10) < 0.45 * (high - low)
+
+
+def test_image_auroc_interval_of_a_perfect_ranking_is_a_point_and_needs_both_classes() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    assert image_auroc_interval(labels, np.array([0.1, 0.2, 0.3, 0.7, 0.8, 0.9])) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="both normal"):
+        image_auroc_interval(np.ones(4, int), np.arange(4.0))
+
+
+def test_pixel_auroc_interval_matches_a_plain_bootstrap_over_images() -> None:
+    """The binned, vectorised bootstrap agrees with resampling whole images and calling pixel_auroc."""
+    rng = np.random.default_rng(2)
+    n, size = 24, 16
+    masks = np.zeros((n, size, size), bool)
+    for i in range(8, n):
+        top, left = rng.integers(0, 10, 2)
+        masks[i, top:top + 5, left:left + 5] = True
+    maps = rng.normal(size=masks.shape) + 1.0 * masks + rng.normal(0, 0.7, (n, 1, 1))  # per-image offsets
+    defective = np.flatnonzero(masks.any(axis=(1, 2)))
+    good = np.flatnonzero(~masks.any(axis=(1, 2)))
+    plain = []
+    for _ in range(600):
+        rows = np.r_[rng.choice(defective, len(defective)), rng.choice(good, len(good))]
+        plain.append(pixel_auroc(masks[rows], maps[rows]))
+    low, high = pixel_auroc_interval(masks, maps, resamples=2000)
+    assert low == pytest.approx(np.quantile(plain, 0.025), abs=0.015)
+    assert high == pytest.approx(np.quantile(plain, 0.975), abs=0.015)
+    assert low < pixel_auroc(masks, maps) < high

@@ -87,6 +87,10 @@ def test_run_is_finished_with_one_value_per_epoch(tracked_run) -> None:
     for key in ("eval/val_pixel_auroc", "eval/val_aupro"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2, 3], key
     assert best["fidelity/optimism"] == pytest.approx(max(test.values()) - test[result.best_epoch])
+    for metric in ("image_auroc", "pixel_auroc", "val_image_auroc"):  # 95% bootstrap intervals over images
+        low, high = best[f"best/{metric}_ci_low"], best[f"best/{metric}_ci_high"]
+        assert 0.0 <= low <= best[f"best/{metric}"] <= high <= 1.0, metric
+        assert client.get_metric_history(run_id, f"eval/{metric}_ci_low") == []  # the best epoch's only
     assert best["fidelity/points"] == 3 and result.fidelity.points == 3
     reliability = result.fidelity.test_reliability  # NaN (not logged) when the epochs tie on every halving
     assert ("fidelity/test_reliability" in best) == math.isfinite(reliability)
