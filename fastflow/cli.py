@@ -41,13 +41,17 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: Optuna logs each trial instead
     signals.install()
-    from .space import load_space
+    from .space import choose_space, load_space
+
+    path, notice = choose_space(args.space, args.category)  # before the slow imports: one line within seconds
+    if notice:
+        print(notice, flush=True)
     from .sweep import SweepSettings, run_sweep, summary_table
 
-    space = load_space(args.space)
+    space = load_space(path)
     category = args.category or space.category
     trials = space.trials if args.trials is None else args.trials
-    settings = SweepSettings(args.space, category, args.root, trials, args.workers,
+    settings = SweepSettings(path, category, args.root, trials, args.workers,
                              args.study or "", args.timeout, args.objective, promote=not args.no_promote)
     result = run_sweep(settings)
     print(summary_table(result, category, settings.metric))
@@ -177,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="Optuna study over a search space; every trial is an MLflow run")
-    sweep.add_argument("--space", type=Path, default=Path("sweeps/demo.yaml"))
+    sweep.add_argument("--space", type=Path, default=None,
+                       help="search space (default: sweeps/demo.yaml without --category, else sweeps/default.yaml, "
+                            "or sweeps/offline.yaml where its ImageNet weights cannot be loaded)")
     sweep.add_argument("--category", default="", help="default: the space's category (synthetic for the demo)")
     sweep.add_argument("--root", default=os.environ.get("MVTEC_ROOT", "data"), help="data root ($MVTEC_ROOT)")
     sweep.add_argument("--trials", type=int, default=None,

