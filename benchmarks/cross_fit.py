@@ -32,7 +32,7 @@ import per_seed  # noqa: E402  (benchmarks/per_seed.py)
 import torch  # noqa: E402
 
 from fastflow.data import ImageDataset, anomaly_spec  # noqa: E402
-from fastflow.evaluate import evaluate_split, held_out_stats  # noqa: E402
+from fastflow.evaluate import evaluate_split, flow_outputs, held_out_stats  # noqa: E402
 from fastflow.features import encode  # noqa: E402
 from fastflow.selection import fidelity, split_half_reliability  # noqa: E402
 
@@ -51,7 +51,7 @@ def run_seed(args, seed: int) -> dict:
     history = []
     start = time.perf_counter()
     for epoch, loss in per_seed.trained_epochs(model, cfg, splits, encoded, device, seed):
-        stats = held_out_stats(model, validations[COPIES[0]], cfg, device)
+        stats = held_out_stats(flow_outputs(model, validations[COPIES[0]], cfg, device), validations[COPIES[0]].labels)
         tested = evaluate_split(model, encoded.test, cfg, device, stats=stats)
         test = tested.metrics
         row = {"epoch": epoch, "loss": loss, "test": {k: test[k] for k in ("image_auroc", "pixel_auroc", "aupro")},

@@ -1,26 +1,29 @@
-"""Issue 11: every image-score / map-normalisation variant, for raw and EMA flow weights, at every epoch.
+"""Levers of the image score, the map, the validation set and the epoch choice, from one training per seed.
 
-One training per seed (seeds trained round-robin, one epoch each in turn, so that a run cut short still
-holds the same epochs for every seed). At each epoch, for the raw weights and their EMA, the test split and
-the validation split (held-out normals + synthetic defects) go through the flows once; every variant is
-post-processing of those outputs (fastflow.scoring). Normal statistics come only from the validation
-split's clean held-out normals. One JSON line per (seed, epoch, weights, map, norm, score):
+`train` trains a preset (plus `--set` overrides: training levers such as input size or flow steps) once per seed,
+exactly as `fastflow train` does, and after every epoch saves what the flows output for the test split and the
+validation split (held-out normals + synthetic anomalies): per-scale z2 and NLL maps at the flows' resolution and
+the per-scale image NLL, in `<dump>/seed<S>/epoch<E>.pt`, with `<dump>/seed<S>/meta.pt` (labels, masks, which
+anomaly type each validation row carries and its source normal). `table` then scores every variant from those
+outputs with the project's own scoring code (`fastflow.scoring`: held-out normal statistics, leave-one-out
+validation scores, fusion, image scores), so a new score or selection rule costs seconds, not a training:
 
-  nice -n 5 python benchmarks/levers.py --config experiments/efficientnet_lite0.yaml \
-      --set data.root=../shared/data/mvtec3d_tire --set data.category=tire --epochs 20 --out /tmp/levers.jsonl
-  python benchmarks/levers.py --summarise /tmp/levers.jsonl
+  nice python benchmarks/levers.py train --config experiments/efficientnet_lite0.yaml \\
+      --set data.root=../shared/data/mvtec_screw --set data.category=screw --epochs 10 --dump /tmp/screw-base
+  python benchmarks/levers.py table /tmp/screw-base [/tmp/tire-base ...] [--scores max mean] [--json out.json]
 
-Test labels are used only to compute the reported test metrics; the `val_image_auroc` column is the
-leak-free selection signal (protocol names: fastflow.protocol).
+Test labels are used only for the reported test metrics; `val` columns and the leak-free epoch use none.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,198 +32,222 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fastflow import metrics as M  # noqa: E402
+from fastflow.anomalies import anomaly_kind  # noqa: E402
+from fastflow.anomaly_map import scale_maps  # noqa: E402
 from fastflow.config import load_config  # noqa: E402
-from fastflow.data import make_splits  # noqa: E402
-from fastflow.ema import ema_decay, make_ema  # noqa: E402
+from fastflow.data import anomaly_spec, make_splits, source_of  # noqa: E402
 from fastflow.features import EncodedSplit  # noqa: E402
 from fastflow.model import FastFlow  # noqa: E402
-from fastflow.protocol import LEAK_FREE, PAPER  # noqa: E402
-from fastflow.anomaly_map import fuse, image_score as map_image_score, scale_maps  # noqa: E402
-from fastflow.scoring import image_nll, nll_image_score, normal_stats, standardise  # noqa: E402
-from fastflow.train import _train_batches, encode_splits, make_optimizer, seed_everything, train_epoch  # noqa: E402
+from fastflow.scoring import cross_fitted, image_nll, normal_stats, score_scales  # noqa: E402
+from fastflow.train import encode_splits, seed_everything  # noqa: E402
+
+from per_seed import trained_epochs  # noqa: E402
 
 MAPS = ("z2", "nll")
 NORMS = ("none", "scale", "position")
-MAP_SCORES = ("max", "topk", "mean")
+SCORES = ("max", "topk", "mean", "nll", "nll_z")
+RULES = ("val", "last", "test")  # leak-free best validation epoch, fixed last epoch, test-best (reference only)
+
+
+# ------------------------------------------------------------------ training with saved outputs
 
 
 @torch.inference_mode()
 def flow_outputs(model, split: EncodedSplit, batch_size: int) -> dict:
-    """Per-scale maps of both kinds (native resolution) and the per-scale image NLL of every image."""
+    """Per-scale maps of both kinds `[(N,1,h,w)]` and per-scale image NLL `(N, n_scales)`, on the CPU."""
     model.eval()
-    out = {kind: [] for kind in MAPS}
-    nll = []
+    maps, nll = {kind: [] for kind in MAPS}, []
     for start in range(0, len(split), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(split)))
-        latents, log_jacs = model.forward_features(split.batch(indices, torch.device("cpu")))
+        latents, log_jacs = model.forward_features(split.batch(torch.arange(start, min(start + batch_size, len(split))),
+                                                               torch.device("cpu")))
         for kind in MAPS:
-            out[kind].append(scale_maps(kind, latents, log_jacs))
+            maps[kind].append(scale_maps(kind, latents, log_jacs))
         nll.append(image_nll(latents, log_jacs))
-    return {**{kind: [torch.cat(s) for s in zip(*out[kind])] for kind in MAPS}, "image_nll": torch.cat(nll)}
+    return {**{kind: [torch.cat(s) for s in zip(*maps[kind])] for kind in MAPS}, "image_nll": torch.cat(nll)}
 
 
-def border_fraction(maps: torch.Tensor, band: int) -> float:
-    """Fraction of images whose map maximum lies within `band` pixels of the border."""
-    b, _, h, w = maps.shape
-    idx = maps.flatten(start_dim=1).argmax(dim=1)
-    y, x = idx // w, idx % w
-    near = (y < band) | (y >= h - band) | (x < band) | (x >= w - band)
-    return float(near.float().mean())
+def validation_kinds(cfg, n_normals: int, n_rows: int) -> list[str]:
+    """The anomaly type of every validation row ('good' for the held-out normals), as `ImageDataset` makes them."""
+    spec = anomaly_spec(cfg.data)
+    return ["good" if row < n_normals else anomaly_kind(spec, row - n_normals, n_normals) for row in range(n_rows)]
 
 
-def evaluate_variants(test_out: dict, val_out: dict, test: EncodedSplit, val: EncodedSplit, size: int,
-                      topk: float, fpr_limit: float, pixel: bool) -> list[dict]:
-    rows = []
-    t_labels, v_labels = test.labels.numpy(), val.labels.numpy()
-    normal = val.labels == 0  # clean held-out normals: the only images statistics come from
-    test_good = torch.from_numpy(t_labels == 0)
-    masks = test.masks[:, 0].numpy()
-    band = size // 16  # one cell of the coarsest (stride-16) scale
+def train(args: argparse.Namespace) -> None:
+    for seed in args.seeds:
+        out = args.dump / f"seed{seed}"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = load_config(Path(args.config), [*args.set, f"train.seed={seed}", f"train.epochs={args.epochs}",
+                                              "train.num_threads=1", "tracking.enabled=false",
+                                              f"train.cache_dir={args.cache_dir}"])
+        seed_everything(seed)
+        torch.set_num_threads(1)
+        splits = make_splits(cfg.data, cfg.train.max_train_images, seed)
+        model = FastFlow(cfg.model)
+        encoded = encode_splits(model, cfg, splits, torch.device("cpu"))
+        n_normals, n_rows = len(splits.validation), len(encoded.validation)
+        torch.save({"config": args.config, "set": args.set, "test_labels": encoded.test.labels,
+                    "test_masks": encoded.test.masks, "test_defects": [s.defect for s in splits.test],
+                    "val_labels": encoded.validation.labels, "val_masks": encoded.validation.masks,
+                    "val_kinds": validation_kinds(cfg, n_normals, n_rows),
+                    "val_sources": [source_of(row, n_normals) for row in range(n_rows)],
+                    "input_size": cfg.model.input_size, "topk_fraction": cfg.model.topk_fraction}, out / "meta.pt")
+        net = model
+        for epoch, loss in trained_epochs(model, cfg, splits, encoded, torch.device("cpu"), seed):
+            start = time.perf_counter()
+            outputs = {"loss": loss, "test": flow_outputs(net, encoded.test, cfg.eval.batch_size),
+                       "validation": flow_outputs(net, encoded.validation, cfg.eval.batch_size)}
+            torch.save(outputs, out / f"epoch{epoch}.pt")
+            logging.info("seed %d epoch %d: loss %.3f, outputs saved in %.0f s", seed, epoch, loss,
+                         time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------ scoring the saved outputs
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to score: the map kind, the output map's standardisation, the map the score reads, the score."""
+    map: str
+    map_norm: str
+    score_norm: str
+    score: str
+
+    @property
+    def name(self) -> str:
+        read = "" if self.score_norm in ("map", self.map_norm) else f" on {self.score_norm}-std map"
+        return f"{self.map}/{self.map_norm}: {self.score}{read}"
+
+
+def variants(scores: tuple[str, ...]) -> list[Variant]:
+    found = []
     for kind in MAPS:
-        stats = normal_stats([m[normal] for m in val_out[kind]], val_out["image_nll"][normal])
         for norm in NORMS:
-            fused_test = fuse(standardise(test_out[kind], norm, stats), (size, size))
-            fused_val = fuse(standardise(val_out[kind], norm, stats), (size, size))
-            extra = {"border_max_fraction": border_fraction(fused_test[test_good], band)}
-            if pixel:
-                extra["pixel_auroc"] = M.pixel_auroc(masks, fused_test[:, 0].numpy())
-                extra["aupro"] = M.aupro(masks, fused_test[:, 0].numpy(), fpr_limit)
-            for mode in MAP_SCORES:
-                rows.append({"map": kind, "norm": norm, "score": mode,
-                             "image_auroc": M.image_auroc(t_labels, map_image_score(fused_test, mode, topk).numpy()),
-                             "val_image_auroc": M.image_auroc(v_labels, map_image_score(fused_val, mode, topk).numpy()),
-                             **extra})
-        if kind == "nll":  # the image NLL scores do not depend on the map
-            for mode in ("nll", "nll_z"):
-                rows.append({"map": "-", "norm": "-", "score": mode,
-                             "image_auroc": M.image_auroc(t_labels, nll_image_score(test_out["image_nll"], mode, stats).numpy()),
-                             "val_image_auroc": M.image_auroc(v_labels, nll_image_score(val_out["image_nll"], mode, stats).numpy())})
+            found += [Variant(kind, norm, "map", s) for s in scores if s not in ("nll", "nll_z")]
+        found += [Variant(kind, "none", norm, s) for norm in ("scale", "position") for s in scores
+                  if s not in ("nll", "nll_z")]  # raw output map, image score on a standardised one
+    found += [Variant("nll", "none", "map", s) for s in scores if s in ("nll", "nll_z")]
+    return found
+
+
+def score_epoch(outputs: dict, meta: dict, chosen: list[Variant]) -> list[dict]:
+    """Test and leave-one-out validation image AUROC of every variant; pixel AUROC/AUPRO of every output map."""
+    size = (meta["input_size"], meta["input_size"])
+    test, val = outputs["test"], outputs["validation"]
+    val_labels = meta["val_labels"]
+    normal = torch.nonzero(val_labels == 0).flatten()
+    sources = torch.tensor(meta["val_sources"])
+    test_labels = meta["test_labels"].numpy()
+    kinds = np.array(meta["val_kinds"])
+    rows, pixel = [], {}
+    for variant in chosen:
+        stats = normal_stats([m[normal] for m in val[variant.map]], val["image_nll"][normal])
+        fused, _, test_scores = score_scales(test[variant.map], test["image_nll"], size, variant.map_norm,
+                                             variant.score, meta["topk_fraction"], stats, variant.score_norm)
+        _, val_scores = cross_fitted(val[variant.map], val["image_nll"], normal, sources, size, variant.map_norm,
+                                     variant.score, meta["topk_fraction"], variant.score_norm)
+        val_scores = val_scores.numpy()
+        row = {"variant": variant.name, "image_auroc": M.image_auroc(test_labels, test_scores.numpy()),
+               "val_image_auroc": M.image_auroc(val_labels.numpy(), val_scores)}
+        for kind in sorted(set(kinds) - {"good"}):  # validation AUROC of each anomaly type alone
+            keep = (kinds == "good") | (kinds == kind)
+            row[f"val_{kind}"] = M.image_auroc(val_labels.numpy()[keep], val_scores[keep])
+        key = (variant.map, variant.map_norm)
+        if key not in pixel:
+            masks, maps = meta["test_masks"][:, 0].numpy(), fused[:, 0].numpy()
+            pixel[key] = {"pixel_auroc": M.pixel_auroc(masks, maps), "aupro": M.aupro(masks, maps, 0.3)}
+        rows.append({**row, **pixel[key]})
     return rows
 
 
-def run(args: argparse.Namespace) -> None:
-    base = load_config(Path(args.config), [*args.set, f"train.epochs={args.epochs}", "train.num_threads=1",
-                                           "tracking.enabled=false", "train.feature_cache=disk",
-                                           f"train.cache_dir={args.cache_dir}"])
-    torch.set_num_threads(1)
-    device = torch.device("cpu")
-    splits = make_splits(base.data, base.train.max_train_images, 0)
-    size = base.model.input_size
-    states = []
-    for seed in args.seeds:
-        cfg = load_config(Path(args.config), [*args.set, f"train.epochs={args.epochs}", "train.num_threads=1",
-                                              "tracking.enabled=false", f"train.cache_dir={args.cache_dir}",
-                                              f"train.seed={seed}"])
-        seed_everything(seed)
-        model = FastFlow(cfg.model)
-        encoded = encode_splits(model, cfg, splits, device)
-        optimizer, scheduler, steps = make_optimizer(model, cfg, len(splits.train))
-        ema = make_ema(model, ema_decay(args.ema_halflife, steps))
-        states.append(dict(seed=seed, cfg=cfg, model=model, encoded=encoded, optimizer=optimizer,
-                           scheduler=scheduler, ema=ema, generator=torch.Generator().manual_seed(seed)))
-    out = open(args.out, "a")
-    for epoch in range(1, args.epochs + 1):
-        for s in states:
-            start = time.perf_counter()
-            cfg, model = s["cfg"], s["model"]
-            loss, _ = train_epoch(model, _train_batches(model, cfg, splits, s["encoded"], device, s["generator"]),
-                                  s["optimizer"], s["scheduler"], cfg, device, epoch,
-                                  after_step=lambda s=s: s["ema"].update_parameters(s["model"]))
-            train_s = time.perf_counter() - start
-            pixel = epoch % args.pixel_every == 0 or epoch == args.epochs or epoch <= 1
-            for weights, net in (("raw", model), ("ema", s["ema"].module)):
-                test_out = flow_outputs(net, s["encoded"].test, cfg.eval.batch_size)
-                val_out = flow_outputs(net, s["encoded"].validation, cfg.eval.batch_size)
-                for row in evaluate_variants(test_out, val_out, s["encoded"].test, s["encoded"].validation, size,
-                                             args.topk, cfg.eval.aupro_fpr_limit, pixel):
-                    out.write(json.dumps({"seed": s["seed"], "epoch": epoch, "weights": weights, "train_loss": loss,
-                                          **row}) + "\n")
-            out.flush()
-            print(f"seed {s['seed']} epoch {epoch}: train {train_s:.0f} s, total {time.perf_counter() - start:.0f} s",
-                  flush=True)
+def scored(dump: Path, chosen: list[Variant]) -> dict:
+    """{seed: {epoch: [row per variant]}}, from `<dump>/scores.json` where it already holds them."""
+    cache_path = dump / "scores.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    for seed_dir in sorted(dump.glob("seed*")):
+        meta = torch.load(seed_dir / "meta.pt", weights_only=True)
+        for path in sorted(seed_dir.glob("epoch*.pt"), key=lambda p: int(p.stem[5:])):
+            key = f"{seed_dir.name}/{path.stem}"
+            done = {r["variant"] for r in cache.get(key, [])}
+            todo = [v for v in chosen if v.name not in done]
+            if todo:
+                outputs = torch.load(path, weights_only=True)
+                cache[key] = cache.get(key, []) + [{**r, "loss": outputs["loss"]} for r in score_epoch(outputs, meta, todo)]
+                cache_path.write_text(json.dumps(cache))
+    result: dict = defaultdict(dict)
+    for key, rows in cache.items():
+        seed, epoch = key.split("/")
+        result[int(seed[4:])][int(epoch[5:])] = {r["variant"]: r for r in rows}
+    return result
 
 
-# ------------------------------------------------------------------ summary
+def chosen_epoch(epochs: dict, variant: str, rule: str, metric: str = "val_image_auroc") -> int:
+    """The epoch a rule picks: best `metric` (ties: the later epoch), the last, or the test-best."""
+    if rule == "last":
+        return max(epochs)
+    key = metric if rule == "val" else "image_auroc"
+    return max(epochs, key=lambda e: (epochs[e][variant][key], e))
 
 
-def score_norm_rows(rows: list[dict]) -> list[dict]:
-    """`model.score_norm=position` with `map_norm=none` (norm `none/pos`): the image score of the position-standardised
-    map, the pixel metrics of the raw map; both were measured on the same outputs."""
-    raw = {(r["seed"], r["epoch"], r["weights"], r["map"], r["score"]): r for r in rows if r["norm"] == "none"}
-    derived = []
-    for r in rows:
-        if r["norm"] == "position" and r["score"] in MAP_SCORES:
-            plain = raw[(r["seed"], r["epoch"], r["weights"], r["map"], r["score"])]
-            derived.append({**plain, "norm": "none/pos", "image_auroc": r["image_auroc"],
-                            "val_image_auroc": r["val_image_auroc"],
-                            "border_max_fraction": r["border_max_fraction"]})
-    return derived
+def summary(result: dict, variant: str, rule_metric: str = "val_image_auroc") -> dict:
+    """Mean and sd over seeds of the test figures at each rule's epoch, the fall from the peak, and Spearman."""
+    from scipy.stats import spearmanr
+
+    cols = defaultdict(list)
+    for seed, epochs in result.items():
+        for rule in RULES:
+            epoch = chosen_epoch(epochs, variant, rule, rule_metric)
+            cols[f"img {rule}"].append(epochs[epoch][variant]["image_auroc"])
+            cols[f"px {rule}"].append(epochs[epoch][variant]["pixel_auroc"])
+            cols[f"aupro {rule}"].append(epochs[epoch][variant]["aupro"])
+            cols[f"epoch {rule}"].append(epoch)
+        curve = [epochs[e][variant]["image_auroc"] for e in sorted(epochs)]
+        peak = int(np.argmax(curve))
+        cols["fall"].append(curve[peak] - min(curve[peak:]))
+        val = [epochs[e][variant][rule_metric] for e in sorted(epochs)]
+        cols["spearman"].append(float(spearmanr(val, curve).statistic) if len(set(val)) > 1 else float("nan"))
+        cols["val range"].append(max(val) - min(val))
+    return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) for k, v in cols.items()}
 
 
-def summarise(path: Path, last_epoch: int | None = None) -> str:
-    """Per variant, mean ± sd over seeds under three epoch-selection rules, and the largest drop from the peak."""
-    rows = [json.loads(line) for line in open(path)]
-    if last_epoch:
-        rows = [r for r in rows if r["epoch"] <= last_epoch]
-    rows += score_norm_rows(rows)
-    by = defaultdict(lambda: defaultdict(dict))  # variant -> seed -> epoch -> row
-    for r in rows:
-        by[(r["weights"], r["map"], r["norm"], r["score"])][r["seed"]][r["epoch"]] = r
-    seeds_epochs = {v: min(len(e) for e in s.values()) for v, s in by.items()}
-    fmt = lambda xs: f"{np.mean(xs):.3f}±{np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}" if xs else "-"
-    lines = [f"epochs <= {min(seeds_epochs.values())}, seeds {sorted({r['seed'] for r in rows})}; "
-             f"rules: last = fixed last epoch (leak-free); val = best `val_image_auroc` epoch ({LEAK_FREE.label}); "
-             f"test = best test image AUROC epoch ({PAPER.label}, reference only). drop = largest fall of test "
-             "image AUROC after its peak (per seed). px/aupro from the last epoch with pixel metrics at or before "
-             "the chosen epoch.",
-             "| weights | map | norm | score | img last | img val | img test | drop | px last | aupro last | "
-             "px val | aupro val | border max |", "|" + "---|" * 13]
-    for variant in sorted(by):
-        per_seed = by[variant]
-        n = min(len(e) for e in per_seed.values())
-        cols = defaultdict(list)
-        for seed, epochs in per_seed.items():
-            eps = sorted(epochs)[:n]
-            last = eps[-1]
-            val = max(eps, key=lambda e: (epochs[e]["val_image_auroc"], e))  # ties: the later epoch
-            test = max(eps, key=lambda e: epochs[e]["image_auroc"])
-            curve = [epochs[e]["image_auroc"] for e in eps]
-            peak = int(np.argmax(curve))
-            cols["last"].append(epochs[last]["image_auroc"])
-            cols["val"].append(epochs[val]["image_auroc"])
-            cols["test"].append(epochs[test]["image_auroc"])
-            cols["drop"].append(curve[peak] - min(curve[peak:]))
-            for rule, epoch in (("last", last), ("val", val)):
-                with_px = [e for e in eps if e <= epoch and "pixel_auroc" in epochs[e]]
-                if with_px:
-                    cols[f"px {rule}"].append(epochs[with_px[-1]]["pixel_auroc"])
-                    cols[f"aupro {rule}"].append(epochs[with_px[-1]]["aupro"])
-            if "border_max_fraction" in epochs[last]:
-                cols["border"].append(epochs[last]["border_max_fraction"])
-        lines.append("| " + " | ".join(variant) + " | " + " | ".join(
-            fmt(cols[k]) for k in ("last", "val", "test", "drop", "px last", "aupro last", "px val", "aupro val",
-                                   "border")) + " |")
-    return "\n".join(lines)
+def table(args: argparse.Namespace) -> None:
+    chosen = variants(tuple(args.scores))
+    names = [v.name for v in chosen]
+    fmt = lambda m: f"{m[0]:.3f}±{m[1]:.3f}"
+    out = {}
+    for dump in args.dumps:
+        result = scored(dump, chosen)
+        seeds, epochs = sorted(result), min(len(e) for e in result.values())
+        print(f"\n### {dump.name}: seeds {seeds}, epochs 1-{epochs}; test image AUROC at the epoch chosen by the "
+              "leak-free validation AUROC (val), the last epoch (last) and the test set (test, reference only)\n")
+        print("| variant | img val | img last | img test | px val | aupro val | fall | Spearman | val range |")
+        print("|" + "---|" * 9)
+        for name in names:
+            s = summary(result, name, args.rule_metric)
+            out[f"{dump.name}/{name}"] = s
+            print(f"| {name} | " + " | ".join(fmt(s[k]) for k in ("img val", "img last", "img test", "px val",
+                                                                  "aupro val", "fall", "spearman", "val range")) + " |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="experiments/efficientnet_lite0.yaml")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--ema-halflife", type=float, default=2.0, help="EMA half-life in epochs")
-    parser.add_argument("--topk", type=float, default=0.01)
-    parser.add_argument("--pixel-every", type=int, default=1, help="pixel AUROC/AUPRO every N epochs")
-    parser.add_argument("--cache-dir", default=".cache/features")
-    parser.add_argument("--out", default="levers.jsonl")
-    parser.add_argument("--summarise", type=Path)
-    parser.add_argument("--last-epoch", type=int)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("train")
+    run.add_argument("--config", default="experiments/efficientnet_lite0.yaml")
+    run.add_argument("--set", action="append", default=[])
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--epochs", type=int, default=10)
+    run.add_argument("--cache-dir", default=".cache/features")
+    run.add_argument("--dump", type=Path, required=True)
+    show = commands.add_parser("table")
+    show.add_argument("dumps", type=Path, nargs="+")
+    show.add_argument("--scores", nargs="+", default=list(SCORES))
+    show.add_argument("--rule-metric", default="val_image_auroc", help="validation metric of the leak-free epoch")
+    show.add_argument("--json")
     args = parser.parse_args()
-    if args.summarise:
-        print(summarise(args.summarise, args.last_epoch))
-    else:
-        run(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(args) if args.command == "train" else table(args)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from fastflow import metrics as M  # noqa: E402
 from fastflow.anomalies import AnomalySpec  # noqa: E402
 from fastflow.anomaly_map import anomaly_map, image_score  # noqa: E402
 from fastflow.data import ImageDataset  # noqa: E402
-from fastflow.evaluate import scale_outputs  # noqa: E402
+from fastflow.evaluate import flow_outputs  # noqa: E402
 from fastflow.features import EncodedSplit, encode  # noqa: E402
 from fastflow.selection import fidelity  # noqa: E402
 
@@ -105,7 +105,7 @@ def run_seed(args, seed: int) -> dict:
     for epoch, loss in per_seed.trained_epochs(model, cfg, splits, encoded, device, seed):
         row = {"epoch": epoch, "loss": loss, "test": {}, "val": {}}
         test_maps, val_maps = maps_of(model, encoded.test, cfg, device), maps_of(model, validation, cfg, device)
-        row["val_normal_loss"] = scale_outputs(model, parts[0], torch.arange(n), cfg, device)[2]  # their mean NLL
+        row["val_normal_loss"] = flow_outputs(model, parts[0], cfg, device).loss  # their mean NLL
         for kind in MAPS:
             row["test"][kind] = scored(test_labels, test_masks, test_maps[kind], cfg)
             row["val"][kind] = {}

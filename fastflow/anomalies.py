@@ -11,6 +11,9 @@ changed region. Deterministic for a given generator state. Types (literature in 
   rotated and rescaled, blended with an opacity (DRAEM-style without an external texture set).
 - `distortion`: a local intensity, colour, blur or small geometric (warp) change inside a smooth region.
 - `painted`: the built-in category's scratch / spot / hole (fastflow.synthetic), blended with an opacity.
+- `scratch`: a short, thin, slightly curved line lighter or darker than the part under it.
+- `missing`: a bite out of the part's outline near one of its ends, where the background shows (a hole on a texture).
+- `dent`: a small local deformation of the part's outline (pixels pulled towards a point on it).
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from scipy import ndimage
 
 from .synthetic import DEFECT_TYPES, make_defect
 
-ANOMALY_TYPES = ("cutpaste", "scar", "texture", "distortion", "painted")
-GENERATOR_VERSION = 1  # bump when the pictures change (part of the validation feature-cache key)
+ANOMALY_TYPES = ("cutpaste", "scar", "texture", "distortion", "painted", "scratch", "missing", "dent")
+GENERATOR_VERSION = 2  # bump when the pictures change (part of the validation feature-cache key)
 
 
 @dataclass(frozen=True)
@@ -100,18 +103,42 @@ def perlin_noise(shape: tuple[int, int], cells: tuple[int, int], rng: np.random.
     return math.sqrt(2) * (top * (1 - ty) + bottom * ty)
 
 
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of `values`: the cut that best separates two groups (max between-class variance)."""
+    counts, edges = np.histogram(values, 256)
+    centres = (edges[:-1] + edges[1:]) / 2
+    below, mass = np.cumsum(counts), np.cumsum(counts * centres)
+    between = (mass[-1] * below - mass * below[-1]) ** 2 / np.maximum(below * (below[-1] - below), 1e-9)
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def _edge_pixels(values: np.ndarray, inset: int = 0) -> np.ndarray:
+    """The values along the image border, `inset` pixels in (HxW or HxWxC -> (n,) or (n, C))."""
+    return np.concatenate([values[inset], values[-1 - inset], values[:, inset], values[:, -1 - inset]])
+
+
 def foreground(image: np.ndarray) -> np.ndarray:
-    """Where defects may be centred: the part, HxW bool. Pixels whose smoothed grey level differs from the
-    image border's (the background of an object category); the whole image when that finds no clear part
-    (textures, parts that fill the frame). Real defects lie on the part, never on the background."""
+    """Where defects may be centred: the part, HxW bool. Pixels whose colour differs from the background's (the
+    image border's) by more than Otsu's cut, or whose surroundings are more textured than the background's; small
+    specks dropped. The whole image when that finds no clear part (textures, parts that fill the frame). Real
+    defects lie on the part, never on the background; a thin part (a screw) must not grow a wide margin."""
+    pixels = image.astype(np.float64)
+    level = np.median(_edge_pixels(pixels), axis=0)
+    distance = np.linalg.norm(ndimage.gaussian_filter(pixels, (1, 1, 0)) - level, axis=-1)
+    gray = pixels.mean(axis=-1)
+    local_mean = ndimage.uniform_filter(gray, 7)
+    texture = np.sqrt(np.maximum(ndimage.uniform_filter(gray**2, 7) - local_mean**2, 0))
+    border_texture = _edge_pixels(texture, inset=3)
+    part = ((distance > max(_otsu(distance), 1.5 * np.quantile(_edge_pixels(distance), 0.99)))
+            | (texture > max(3 * np.median(border_texture), 1.2 * np.quantile(border_texture, 0.99))))
     side = min(image.shape[:2])
-    gray = image.astype(np.float64).mean(axis=-1)
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    level = np.median(border)
-    spread = np.median(np.abs(border - level))
-    part = ndimage.gaussian_filter(np.abs(gray - level), side / 32) > max(10.0, 6 * spread)
-    part = ndimage.binary_fill_holes(ndimage.binary_closing(part, iterations=max(1, side // 32)))
-    return part if 0.05 <= part.mean() <= 0.9 else np.ones(gray.shape, bool)
+    part = ndimage.binary_fill_holes(ndimage.binary_closing(part, iterations=max(1, side // 64)))
+    part = ndimage.binary_opening(part, iterations=max(1, side // 128))
+    labels, count = ndimage.label(part)
+    if count:
+        sizes = np.bincount(labels.ravel())[1:]
+        part = np.isin(labels, 1 + np.flatnonzero(sizes >= 0.1 * sizes.max()))
+    return part if 0.02 <= part.mean() <= 0.9 else np.ones(gray.shape, bool)
 
 
 def _centre(rng: np.random.Generator, shape: tuple[int, int], margin: float,
@@ -242,8 +269,88 @@ def painted(image: np.ndarray, rng: np.random.Generator, severity: float, donor:
     return _blend(image, defective, mask * _opacity(severity, rng)), mask
 
 
+def _outline(allowed: Optional[np.ndarray], rng: np.random.Generator, extremity: bool = False) -> Optional[np.ndarray]:
+    """Where the part meets the background (`allowed` is the part); with `extremity`, only its points farthest from
+    the part's centre (an elongated part's ends). None for a part that fills the image (a texture)."""
+    if allowed is None or allowed.all():
+        return None
+    edge = allowed & ~ndimage.binary_erosion(allowed)
+    if extremity and edge.sum() > 4:
+        ys, xs = np.nonzero(allowed)
+        distance = np.hypot(*(np.nonzero(edge)[i] - c for i, c in enumerate((ys.mean(), xs.mean()))))
+        far = np.zeros_like(edge)
+        far[np.nonzero(edge)] = distance >= np.quantile(distance, rng.uniform(0.8, 0.95))
+        edge = far
+    return edge if edge.any() else None
+
+
+def _disc(shape: tuple[int, int], centre: tuple[float, float], radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """(distance of every pixel to `centre`, the disc of `radius` around it, never empty)."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    distance = np.hypot(yy - centre[0], xx - centre[1])
+    inside = distance < radius
+    inside[min(int(centre[0]), shape[0] - 1), min(int(centre[1]), shape[1] - 1)] = True
+    return distance, inside
+
+
+def scratch(image: np.ndarray, rng: np.random.Generator, severity: float, donor: Optional[np.ndarray] = None,
+            allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """A short, thin, slightly curved line lighter or darker than the surface under it (a scratch on the part)."""
+    h, w = image.shape[:2]
+    length = _size((h, w), severity, rng, 0.04, 0.12)
+    width = max(1, int(round(min(h, w) / 256 * _lerp(1.0, 2.5, severity))))
+    cy, cx = _centre(rng, (h, w), length / 2, allowed)
+    angle, bend = rng.uniform(0, np.pi), rng.uniform(-0.25, 0.25) * length
+    t = np.linspace(-0.5, 0.5, 12)
+    along, across = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    points = [(cx + length * u * along[0] + bend * (1 - 4 * u * u) * across[0],
+               cy + length * u * along[1] + bend * (1 - 4 * u * u) * across[1]) for u in t]
+    canvas = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(canvas).line(points, fill=255, width=width, joint="curve")
+    mask = np.asarray(canvas) > 0
+    mask[min(int(cy), h - 1), min(int(cx), w - 1)] = True
+    level = image[mask].astype(np.float64).mean()
+    shift = _lerp(25, 80, severity) * (1.0 if level < 128 else -1.0)  # away from saturation
+    return _blend(image, np.clip(image.astype(np.float64) + shift, 0, 255), mask * _opacity(severity, rng)), mask
+
+
+def missing(image: np.ndarray, rng: np.random.Generator, severity: float, donor: Optional[np.ndarray] = None,
+            allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """Material missing at an end of the part: an irregular bite out of its outline, where the background shows
+    (the image border's level, with its noise). On a part that fills the image (a texture): a hole."""
+    h, w = image.shape[:2]
+    radius = _size((h, w), severity, rng, 0.03, 0.08)
+    outline = _outline(allowed, rng, extremity=True)
+    bite = perlin_region(rng, (h, w), radius, outline)
+    region = bite & allowed if outline is not None and (bite & allowed).any() else bite
+    border = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]]).astype(np.float64)
+    fill = np.median(border, axis=0) + rng.normal(0, border.std(axis=0).mean() / 2 + 1, (h, w, 1))
+    return _blend(image, np.clip(fill, 0, 255), region.astype(np.float64)), region
+
+
+def dent(image: np.ndarray, rng: np.random.Generator, severity: float, donor: Optional[np.ndarray] = None,
+         allowed: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """A small local deformation of the part's outline (a dent, a bent or crushed thread): pixels inside a disc on
+    the outline are pulled towards its centre. The mask is what changed."""
+    h, w = image.shape[:2]
+    radius = max(3.0, _size((h, w), severity, rng, 0.03, 0.08))
+    cy, cx = _centre(rng, (h, w), 0, _outline(allowed, rng))
+    distance, inside = _disc((h, w), (cy, cx), radius)
+    pull = np.where(inside, radius * _lerp(0.3, 0.6, severity) * (1 - distance / radius) ** 2, 0.0)
+    scale = 1 + pull / np.maximum(distance, 1e-6)  # sample farther out: content moves in
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    coords = [cy + (yy - cy) * scale, cx + (xx - cx) * scale]
+    pixels = image.astype(np.float64)
+    warped = np.stack([ndimage.map_coordinates(pixels[..., c], coords, order=1, mode="reflect") for c in range(3)], -1)
+    mask = inside & (np.abs(warped - pixels).max(axis=-1) >= 8)
+    if not mask.any():  # a flat surface shows no warp: a shallow dent's shading instead
+        mask, warped = inside, pixels * 0.85
+    return _blend(image, warped, mask.astype(np.float64)), mask
+
+
 GENERATORS: dict[str, Callable[..., tuple[np.ndarray, np.ndarray]]] = {
-    "cutpaste": cutpaste, "scar": scar, "texture": texture, "distortion": distortion, "painted": painted}
+    "cutpaste": cutpaste, "scar": scar, "texture": texture, "distortion": distortion, "painted": painted,
+    "scratch": scratch, "missing": missing, "dent": dent}
 
 
 def make_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator, severity: float = 0.5,
@@ -263,15 +370,22 @@ def make_anomaly(image: np.ndarray, kind: str, rng: np.random.Generator, severit
     return out, mask.astype(bool)
 
 
+def anomaly_kind(spec: AnomalySpec, index: int, n_normals: int) -> str:
+    """The type of anomalous copy number `index` (copy `index // n_normals` of normal `index % n_normals`): each
+    normal's copies cycle through `spec.kinds`, starting at a different type for each normal, so that every normal
+    meets every type (a plain `index % len(kinds)` gives each normal one type when `len(kinds)` divides
+    `n_normals`)."""
+    return spec.kinds[(index % n_normals + index // n_normals) % len(spec.kinds)]
+
+
 def validation_anomaly(image: np.ndarray, donor: Optional[np.ndarray], spec: AnomalySpec, seed: int,
-                       index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Anomalous copy number `index` of the validation set: its type cycles through `spec.kinds`, its
-    severity is drawn uniformly from `spec.severity`; deterministic in (seed, index)."""
+                       index: int, n_normals: int) -> tuple[np.ndarray, np.ndarray]:
+    """Anomalous copy number `index` of the validation set (`anomaly_kind`), its severity drawn uniformly from
+    `spec.severity`; deterministic in (seed, index)."""
     rng = np.random.default_rng([seed, index, GENERATOR_VERSION])
-    kind = spec.kinds[index % len(spec.kinds)]
     severity = rng.uniform(*spec.severity)
-    return make_anomaly(image, kind, rng, severity, donor)
+    return make_anomaly(image, anomaly_kind(spec, index, n_normals), rng, severity, donor)
 
 
 __all__ = ["ANOMALY_TYPES", "AnomalySpec", "GENERATORS", "check_kinds", "make_anomaly", "foreground", "perlin_noise",
-           "perlin_region", "validation_anomaly"]
+           "perlin_region", "validation_anomaly", "anomaly_kind"]

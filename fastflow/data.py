@@ -188,6 +188,13 @@ def load_mask(path: Path, image_size: tuple[int, int], size: int) -> torch.Tenso
     return torch.from_numpy(np.asarray(resized) > 127).unsqueeze(0).float()
 
 
+def mean_level(samples: list[Sample], size: int) -> float:
+    """The mean grey level in [0, 1] of the images at the input size (the reference of `model.exposure: mean`)."""
+    if not samples:
+        raise ValueError("the mean level of no images is undefined")
+    return float(np.mean([image_tensor(load_rgb(s.image), size).mean().item() for s in samples]))
+
+
 def source_of(row: int, n_normals: int) -> int:
     """The normal image row `row` of an `ImageDataset` with anomalies derives from: the normals come first, then
     `copies` anomalous copies of each, in the same order."""
@@ -230,6 +237,6 @@ class ImageDataset(Dataset):
         donor = None
         if n > 1:  # another held-out image, a different one for each copy
             donor = self._resized(load_rgb(self.samples[(index % n + 1 + (index // n) % (n - 1)) % n].image))
-        defective, mask = validation_anomaly(self._resized(image), donor, self.anomalies, self.seed, index)
+        defective, mask = validation_anomaly(self._resized(image), donor, self.anomalies, self.seed, index, n)
         tensor = torch.from_numpy(defective.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
         return tensor, torch.from_numpy(mask).unsqueeze(0).float(), 1

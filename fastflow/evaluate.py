@@ -14,7 +14,7 @@ from .config import RunConfig
 from .data import ImageDataset, Sample, source_of
 from .features import EncodedSplit
 from .loss import nll_loss
-from .scoring import NormalStats, cross_fitted, image_nll, normal_stats, score
+from .scoring import NormalStats, cross_fitted, image_nll, needs_stats, normal_stats, score, score_scales
 
 
 @dataclass
@@ -56,79 +56,105 @@ def heatmap_indices(labels: torch.Tensor, count: int) -> list[int]:
     return pick(defective, n_defective) + pick(good, n_good)
 
 
-@torch.inference_mode()
-def predict_maps(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
-                 stats: NormalStats | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Anomaly maps `(N,1,S,S)` and image scores `(N,)` on the CPU, and the mean NLL loss over the split."""
-    model.eval()
-    m = cfg.model
-    size = (m.input_size, m.input_size)
-    maps, scores, loss_sum = [], [], 0.0
-    for start in range(0, len(split), cfg.eval.batch_size):
-        indices = torch.arange(start, min(start + cfg.eval.batch_size, len(split)))
-        latents, log_jacs = model.forward_features(split.batch(indices, device))
-        loss_sum += nll_loss(latents, log_jacs).item() * len(indices)
-        batch_maps, batch_scores = score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score,
-                                         m.topk_fraction, stats, m.score_norm)
-        maps.append(batch_maps.cpu())
-        scores.append(batch_scores.cpu())
-    return torch.cat(maps), torch.cat(scores), loss_sum / len(split)
+@dataclass
+class FlowOutputs:
+    """What the flows give for a split, on the CPU: per-scale maps `[(N,1,h,w)]`, per-scale image NLLs
+    `(N, n_scales)`, the mean NLL loss, and the seconds the pass took. Everything a split's scores, its held-out
+    statistics and its leave-one-out scores are computed from: one pass of the flows per split and evaluation."""
+
+    maps: list[torch.Tensor]
+    nll: torch.Tensor
+    loss: float
+    seconds: float
 
 
 @torch.inference_mode()
-def scale_outputs(model, split: EncodedSplit, rows: torch.Tensor, cfg: RunConfig,
-                  device: torch.device) -> tuple[list[torch.Tensor], torch.Tensor, float]:
-    """Per-scale maps `[(n,1,h,w)]` and image NLLs `(n, n_scales)` of `rows` on the CPU, and their mean NLL loss."""
+def flow_outputs(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
+                 rows: torch.Tensor | None = None) -> FlowOutputs:
+    """The flows' outputs for `rows` of `split` (default: all), in batches of `eval.batch_size`."""
+    start = time.perf_counter()
     model.eval()
+    rows = torch.arange(len(split)) if rows is None else rows
     maps, nll, loss_sum = [], [], 0.0
-    for start in range(0, len(rows), cfg.eval.batch_size):
-        batch = rows[start:start + cfg.eval.batch_size]
+    for first in range(0, len(rows), cfg.eval.batch_size):
+        batch = rows[first:first + cfg.eval.batch_size]
         latents, log_jacs = model.forward_features(split.batch(batch, device))
         loss_sum += nll_loss(latents, log_jacs).item() * len(batch)
         maps.append([m.cpu() for m in scale_maps(cfg.model.anomaly_map, latents, log_jacs)])
         nll.append(image_nll(latents, log_jacs).cpu())
-    return [torch.cat(scale) for scale in zip(*maps)], torch.cat(nll), loss_sum / max(len(rows), 1)
+    return FlowOutputs([torch.cat(scale) for scale in zip(*maps)], torch.cat(nll), loss_sum / max(len(rows), 1),
+                       time.perf_counter() - start)
 
 
-def held_out_stats(model, split: EncodedSplit, cfg: RunConfig, device: torch.device) -> NormalStats:
-    """Statistics of the split's normal images (label 0) under `model`: the held-out normals, never test images."""
-    maps, nll, _ = scale_outputs(model, split, torch.nonzero(split.labels == 0).flatten(), cfg, device)
-    return normal_stats(maps, nll)
+def held_out_stats(outputs: FlowOutputs, labels: torch.Tensor) -> NormalStats:
+    """Statistics of the normal rows (label 0) of a validation split's outputs: held-out normals, never test images."""
+    normal = torch.nonzero(labels == 0).flatten()
+    return normal_stats([m[normal] for m in outputs.maps], outputs.nll[normal])
 
 
-def cross_fitted_maps(model, split: EncodedSplit, cfg: RunConfig,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """`predict_maps` of a validation split (held-out normals, then anomalous copies of them), each row
-    standardised with the statistics of the other held-out normals (`scoring.cross_fitted`)."""
+def score_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, stats: NormalStats | None = None,
+                  cross_fit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(anomaly maps `(N,1,S,S)`, image scores `(N,)`) standardised with `stats`; with `cross_fit` (a validation
+    split, whose normals the statistics come from) each row with the statistics of the other held-out normals
+    (`scoring.cross_fitted`, when there are at least two)."""
     m = cfg.model
-    per_scale, nll, loss = scale_outputs(model, split, torch.arange(len(split)), cfg, device)
+    size = (m.input_size, m.input_size)
     normal = torch.nonzero(split.labels == 0).flatten()
-    source = torch.tensor([source_of(row, len(normal)) for row in range(len(split))])
-    maps, scores = cross_fitted(per_scale, nll, normal, source, (m.input_size, m.input_size), m.map_norm,
-                                m.image_score, m.topk_fraction, m.score_norm)
-    return maps, scores, loss
+    if cross_fit and stats is not None and len(normal) >= 2:
+        source = torch.tensor([source_of(row, len(normal)) for row in range(len(split))])
+        return cross_fitted(outputs.maps, outputs.nll, normal, source, size, m.map_norm, m.image_score,
+                            m.topk_fraction, m.score_norm)
+    maps, _, scores = score_scales(outputs.maps, outputs.nll, size, m.map_norm, m.image_score, m.topk_fraction,
+                                   stats, m.score_norm)
+    return maps, scores
 
 
-def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
-                   keep_maps: list[int] | None = None, pixel_metrics: bool = True,
-                   stats: NormalStats | None = None, cross_fit: bool = False) -> Evaluation:
-    """Scores, maps and metrics of `split`, standardised with `stats`; with `cross_fit` (the validation split,
-    whose normals the statistics come from) each row with the statistics of the other held-out normals (when
-    there are at least two)."""
+def evaluate_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, stats: NormalStats | None = None,
+                     cross_fit: bool = False, keep_maps: list[int] | None = None,
+                     pixel_metrics: bool = True) -> Evaluation:
+    """Scores, maps and metrics of `split` from its flow outputs (`score_outputs`)."""
     start = time.perf_counter()
-    if cross_fit and stats is not None and int((split.labels == 0).sum()) >= 2:
-        maps, scores, loss = cross_fitted_maps(model, split, cfg, device)
-    else:
-        maps, scores, loss = predict_maps(model, split, cfg, device, stats)
+    maps, scores = score_outputs(outputs, split, cfg, stats, cross_fit)
     scores = scores.numpy()
-    images_per_s = len(split) / (time.perf_counter() - start)
+    images_per_s = len(split) / (outputs.seconds + time.perf_counter() - start)
     labels = split.labels.numpy()
     if pixel_metrics:
         values = M.evaluate(labels, scores, split.masks[:, 0].numpy(), maps[:, 0].numpy(), cfg.eval.aupro_fpr_limit)
     else:
         values = {"image_auroc": M.image_auroc(labels, scores)}
     shown = keep_maps or []
-    return Evaluation(values, scores, labels, loss, images_per_s, shown, maps[shown] if shown else None, maps)
+    return Evaluation(values, scores, labels, outputs.loss, images_per_s, shown, maps[shown] if shown else None, maps)
+
+
+def evaluate_split(model, split: EncodedSplit, cfg: RunConfig, device: torch.device,
+                   keep_maps: list[int] | None = None, pixel_metrics: bool = True,
+                   stats: NormalStats | None = None, cross_fit: bool = False) -> Evaluation:
+    """`evaluate_outputs` of one pass of the flows over `split`."""
+    return evaluate_outputs(flow_outputs(model, split, cfg, device), split, cfg, stats, cross_fit, keep_maps,
+                            pixel_metrics)
+
+
+@dataclass
+class EpochEvaluation:
+    """An evaluation of the test split and (when there are held-out normals) of the validation split, scored with
+    statistics taken from the same pass over the validation split that its leave-one-out scores come from."""
+
+    test: Evaluation
+    validation: Evaluation | None
+    stats: NormalStats | None
+
+
+def evaluate_epoch(model, test: EncodedSplit, validation: EncodedSplit | None, cfg: RunConfig, device: torch.device,
+                   keep_maps: list[int] | None = None, pixel_metrics: bool = True) -> EpochEvaluation:
+    """Test and validation evaluation with one pass of the flows over each split; `pixel_metrics` for validation."""
+    m = cfg.model
+    outputs = flow_outputs(model, validation, cfg, device) if validation is not None else None
+    stats = held_out_stats(outputs, validation.labels) if outputs is not None and needs_stats(
+        m.map_norm, m.image_score, m.score_norm) else None
+    tested = evaluate_split(model, test, cfg, device, keep_maps, stats=stats)
+    validated = evaluate_outputs(outputs, validation, cfg, stats, cross_fit=True,
+                                 pixel_metrics=pixel_metrics) if outputs is not None else None
+    return EpochEvaluation(tested, validated, stats)
 
 
 @torch.inference_mode()

@@ -61,7 +61,8 @@ def encode(model, dataset: Dataset, batch_size: int, device: torch.device, num_w
     return EncodedSplit(per_scale, torch.cat(masks), torch.cat(labels))
 
 
-def cache_key(model_cfg: ModelConfig, data_hash: str, split: str, dtype: str, extra: str = "") -> str:
+def cache_key(model_cfg: ModelConfig, data_hash: str, split: str, dtype: str, extra: str = "",
+              exposure: float = 0.0) -> str:
     """Everything that determines the features; a change of any of them is a different entry."""
     weights = model_cfg.weights
     if weights not in ("imagenet", "none", "pypi") and Path(weights).is_file():
@@ -70,6 +71,8 @@ def cache_key(model_cfg: ModelConfig, data_hash: str, split: str, dtype: str, ex
     parts = dict(format=CACHE_FORMAT, backbone=model_cfg.backbone, weights=weights, size=model_cfg.input_size,
                  indices=list(model_cfg.feature_indices), mean=model_cfg.mean, std=model_cfg.std,
                  data=data_hash, split=split, dtype=dtype, extra=extra, torch=torch.__version__)
+    if model_cfg.exposure != "none":  # (absent otherwise, so that entries from before the option stay valid)
+        parts["exposure"] = f"{model_cfg.exposure}:{exposure:.6f}"
     digest = hashlib.sha1(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return f"{model_cfg.backbone}-{split}-{digest}"
 

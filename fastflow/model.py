@@ -22,6 +22,8 @@ class FastFlow(nn.Module):
         self.cfg = cfg
         self.backbone = create_backbone(cfg.backbone, cfg.weights, cfg.feature_indices, cfg.input_size)
         mean, std = default_normalization(cfg.backbone)
+        if cfg.exposure == "mean":  # the training images' mean level, set by `set_exposure_level` before training
+            self.register_buffer("exposure_level", torch.tensor(0.5))
         self.register_buffer("mean", torch.tensor(cfg.mean or mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1))
         shapes = [(c, cfg.input_size // s, cfg.input_size // s) for c, s in
@@ -32,8 +34,16 @@ class FastFlow(nn.Module):
         self.flows = nn.ModuleList(
             build_flow(*shape, cfg.flow_steps, cfg.conv3x3_only, cfg.hidden_ratio, cfg.clamp) for shape in shapes)
 
+    def set_exposure_level(self, level: float) -> None:
+        """The mean grey level (in [0,1]) that `model.exposure: mean` scales every image to."""
+        self.exposure_level.fill_(level)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """`(B,3,H,W)` RGB in [0,1] -> the backbone's normalization."""
+        """`(B,3,H,W)` RGB in [0,1] -> the backbone's normalization; with `exposure: mean`, each image is first
+        scaled so that its mean level is the training images' (a brighter or darker light or exposure multiplies
+        every pixel: this undoes it, while a local defect hardly moves an image's mean)."""
+        if self.cfg.exposure == "mean":
+            images = images * (self.exposure_level / images.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3))
         return (images - self.mean) / self.std
 
     @torch.no_grad()

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from . import signals
 from .config import RunConfig, flatten, to_dict
-from .data import ImageDataset, Splits, anomaly_spec, content_hash, make_splits
+from .data import ImageDataset, Splits, anomaly_spec, content_hash, make_splits, mean_level
 from .ema import ema_decay, make_ema
-from .evaluate import evaluate_split, heatmap_indices, held_out_stats, measure_inference
+from .evaluate import EpochEvaluation, evaluate_epoch, heatmap_indices, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from .loss import nll_loss
 from . import metrics as M
@@ -100,15 +100,19 @@ class Encoded:
 
 
 def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch.device) -> Encoded:
-    """Backbone features of every split (train only when caching), through the disk cache if enabled."""
+    """Backbone features of every split (train only when caching), through the disk cache if enabled. With
+    `model.exposure: mean`, the model's reference level is first set from the training images."""
     size, t = cfg.model.input_size, cfg.train
     cache = FeatureCache(Path(t.cache_dir), int(t.cache_max_gb * 1e9)) if t.feature_cache == "disk" else None
     dtype = getattr(torch, t.cache_dtype)
+    level = mean_level(splits.train, size) if cfg.model.exposure != "none" else 0.0
+    if cfg.model.exposure != "none":
+        model.set_exposure_level(level)
 
     def run(samples, split_name, anomalies=None):
         dataset = ImageDataset(samples, size, anomalies, seed=t.seed)
         defects = f"anomalies={anomalies.cache_tag()}-seed{t.seed}" if anomalies else ""  # generated per seed
-        key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects)
+        key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects, level)
         return encode_cached(model, dataset, key, cache, cfg.eval.batch_size, device, cfg.data.num_workers,
                              dtype, split_name)
 
@@ -264,16 +268,15 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                    "train/lr": optimizer.param_groups[0]["lr"]}
         if epoch % cfg.eval.eval_every == 0 or epoch == cfg.train.epochs:
             net = ema.module if cfg.eval.weights == "ema" else model
-            stats = normal_statistics(net, encoded, cfg, device)
-            evaluation = _evaluate_finite(net, encoded.test, cfg, device, epoch, keep_maps=shown, stats=stats)
+            evaluated = _evaluate_finite(net, encoded, cfg, device, epoch, keep_maps=shown)
+            evaluation, validation, stats = evaluated.test, evaluated.validation, evaluated.stats
             metrics.update({f"eval/{k}": v for k, v in evaluation.metrics.items()})
             test_scores[epoch] = evaluation.scores
             if ema is not None:
                 other = "raw" if cfg.eval.weights == "ema" else "ema"
-                metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg, device))
-            validation = None
-            if encoded.validation is not None:
-                validation = _evaluate_finite(net, encoded.validation, cfg, device, epoch, stats=stats, cross_fit=True)
+                metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg,
+                                                     device, epoch))
+            if validation is not None:
                 metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
                 metrics["eval/val_loss"] = validation.loss
             metrics["eval/images_per_s"] = evaluation.images_per_s
@@ -304,10 +307,11 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     return result
 
 
-def _evaluate_finite(model: FastFlow, split, cfg: RunConfig, device: torch.device, epoch: int, **kwargs):
-    """`evaluate_split`, with NaN/inf scores reported as the diverged training they are."""
+def _evaluate_finite(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: torch.device, epoch: int,
+                     **kwargs) -> EpochEvaluation:
+    """`evaluate_epoch`, with NaN/inf scores reported as the diverged training they are."""
     try:
-        return evaluate_split(model, split, cfg, device, **kwargs)
+        return evaluate_epoch(model, encoded.test, encoded.validation, cfg, device, **kwargs)
     except NonFiniteError as error:
         raise NonFiniteLossError(f"anomaly scores are NaN or infinite after epoch {epoch} ({error}): the flow "
                                  f"diverged; train.lr={cfg.train.lr} may be too high") from None
@@ -323,22 +327,13 @@ def best_intervals(evaluation, validation, encoded: Encoded) -> dict[str, float]
     return values
 
 
-def normal_statistics(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: torch.device) -> Optional[NormalStats]:
-    """Held-out normal statistics for map normalisation / `nll_z`, when the config uses them (else None)."""
-    if not needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm):
-        return None
-    return held_out_stats(model, encoded.validation, cfg, device)
-
-
-def other_weights_metrics(model: FastFlow, name: str, encoded: Encoded, cfg: RunConfig,
-                          device: torch.device) -> dict[str, float]:
+def other_weights_metrics(model: FastFlow, name: str, encoded: Encoded, cfg: RunConfig, device: torch.device,
+                          epoch: int) -> dict[str, float]:
     """`eval/<name>_*` test (and validation) metrics of the weights that are not selected (raw or EMA)."""
-    stats = normal_statistics(model, encoded, cfg, device)
-    values = evaluate_split(model, encoded.test, cfg, device, stats=stats).metrics
-    if encoded.validation is not None:
-        validation = evaluate_split(model, encoded.validation, cfg, device, pixel_metrics=False, stats=stats,
-                                    cross_fit=True)
-        values["val_image_auroc"] = validation.metrics["image_auroc"]
+    evaluated = _evaluate_finite(model, encoded, cfg, device, epoch, pixel_metrics=False)
+    values = dict(evaluated.test.metrics)
+    if evaluated.validation is not None:
+        values["val_image_auroc"] = evaluated.validation.metrics["image_auroc"]
     return {f"eval/{name}_{k}": v for k, v in values.items() if k in ("image_auroc", "pixel_auroc", "aupro",
                                                                        "val_image_auroc")}
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fastflow.anomalies import (ANOMALY_TYPES, AnomalySpec, foreground, make_anomaly, perlin_noise,
+from fastflow.anomalies import (ANOMALY_TYPES, AnomalySpec, anomaly_kind, foreground, make_anomaly, perlin_noise,
                                 validation_anomaly)
 from fastflow.synthetic import make_texture
 
@@ -45,11 +45,21 @@ def test_deterministic_non_empty_masks_inside_the_image(kind: str) -> None:
 def test_validation_anomaly_cycles_types_and_is_seeded() -> None:
     image, donor = _normals(2)
     spec = AnomalySpec(kinds=("scar", "texture"), severity=(0.3, 0.6), copies=1)
-    first, mask = validation_anomaly(image, donor, spec, seed=1, index=4)
-    again, mask_again = validation_anomaly(image, donor, spec, seed=1, index=4)
+    first, mask = validation_anomaly(image, donor, spec, seed=1, index=4, n_normals=3)
+    again, mask_again = validation_anomaly(image, donor, spec, seed=1, index=4, n_normals=3)
     assert np.array_equal(first, again) and np.array_equal(mask, mask_again)
-    assert not np.array_equal(validation_anomaly(image, donor, spec, seed=2, index=4)[0], first)
+    assert not np.array_equal(validation_anomaly(image, donor, spec, seed=2, index=4, n_normals=3)[0], first)
     assert spec.cache_tag() != AnomalySpec(kinds=("scar",), severity=(0.3, 0.6), copies=1).cache_tag()
+
+
+@pytest.mark.parametrize("n_normals", [4, 5, 8, 29, 32])
+def test_every_normal_meets_every_anomaly_type(n_normals: int) -> None:
+    """With as many copies as types, each held-out normal gets each type once, also when the number of types
+    divides the number of normals (before: normal i got only type i mod 8, eight times)."""
+    spec = AnomalySpec(kinds=ANOMALY_TYPES, copies=len(ANOMALY_TYPES))
+    for normal in range(n_normals):
+        kinds = [anomaly_kind(spec, normal + copy * n_normals, n_normals) for copy in range(spec.copies)]
+        assert sorted(kinds) == sorted(ANOMALY_TYPES)
 
 
 def test_defects_are_centred_on_the_part() -> None:

@@ -154,7 +154,7 @@ class _IdentityFlow(torch.nn.Module):
 
 def test_held_out_stats_use_only_the_normal_rows() -> None:
     from fastflow.config import RunConfig
-    from fastflow.evaluate import held_out_stats
+    from fastflow.evaluate import flow_outputs, held_out_stats
     from fastflow.features import EncodedSplit
 
     features = torch.ones(5, 2, 4, 4)
@@ -162,8 +162,9 @@ def test_held_out_stats_use_only_the_normal_rows() -> None:
     split = EncodedSplit([features], torch.zeros(5, 1, 16, 16, dtype=torch.bool), torch.tensor([0, 0, 0, 1, 1]))
     cfg = RunConfig()
     for kind in ("z2", "nll"):
-        stats = held_out_stats(_IdentityFlow(), split, replace_model(cfg, anomaly_map=kind, topk_fraction=0.01),
+        outputs = flow_outputs(_IdentityFlow(), split, replace_model(cfg, anomaly_map=kind, topk_fraction=0.01),
                                torch.device("cpu"))
+        stats = held_out_stats(outputs, split.labels)
         expected = scale_maps(kind, [features[:3]], [torch.zeros(3, 4, 4)])[0].mean()
         assert float(stats.scale_mean[0]) == pytest.approx(float(expected))
         assert float(stats.nll_mean[0]) == pytest.approx(0.5)  # 0.5 * z^2 per dimension, z = 1
