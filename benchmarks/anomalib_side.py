@@ -2,7 +2,8 @@
 
     benchmarks/.venv-anomalib/bin/python benchmarks/anomalib_side.py HANDOFF_DIR
 
-HANDOFF_DIR (written by benchmark.py) holds `spec.json` (settings), `data.pt` (uint8 train/test images at
+HANDOFF_DIR (written by benchmark.py or side_by_side.py) holds `spec.json` (settings; `every_epoch`: also save the
+test maps after every epoch as `anomalib_maps_epoch<E>.npz`), `data.pt` (uint8 train/test images at
 the input size, exactly the tensors the project's ImageDataset produced) and optionally `backbone.pt`
 (timm-named backbone weights, so both sides use the same backbone). Trains anomalib's torch module
 `FastflowModel` with a plain loop (Adam, anomalib's `FastflowLoss`, the settings of anomalib's Lightning
@@ -139,6 +140,9 @@ def main(handoff: Path) -> None:
         epoch_seconds.append(time.perf_counter() - start)
         epoch_cpu_seconds.append(time.process_time() - cpu_start)
         losses.append(total / len(train))
+        if spec.get("every_epoch"):  # the side-by-side table: test maps after every epoch, scored by the caller
+            maps, scores, _, _ = infer(model, test, prepare, spec["eval_batch_size"], device)
+            np.savez(handoff / f"anomalib_maps_epoch{len(losses)}.npz", maps=maps, scores=scores)
     maps, scores, seconds, cpu_seconds = infer(model, test, prepare, spec["eval_batch_size"], device)
     np.savez(handoff / "anomalib_maps.npz", maps=maps, scores=scores)
     result = {

@@ -232,8 +232,10 @@ def backbone_state(cfg: RunConfig, checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def run_anomalib(python: Path, cfg: RunConfig, checkpoint: dict, train: torch.Tensor, test: torch.Tensor,
-                 workdir: Path, threads: int, device: torch.device) -> dict:
-    """anomalib_side.py in the anomalib venv on the same tensors, backbone and settings; its JSON result."""
+                 workdir: Path, threads: int, device: torch.device, extra_spec: dict | None = None,
+                 backbone: dict | None = None) -> dict:
+    """anomalib_side.py in the anomalib venv on the same tensors, backbone (default: the checkpoint's, see
+    `backbone_state`) and settings (plus `extra_spec`); its JSON result."""
     workdir.mkdir(parents=True, exist_ok=True)
     m, t = cfg.model, cfg.train
     spec = {"backbone": m.backbone, "input_size": m.input_size, "feature_indices": list(m.feature_indices),
@@ -241,10 +243,10 @@ def run_anomalib(python: Path, cfg: RunConfig, checkpoint: dict, train: torch.Te
             "lr": t.lr, "weight_decay": t.weight_decay, "batch_size": t.batch_size,
             "eval_batch_size": cfg.eval.batch_size, "seed": t.seed, "epochs": t.epochs, "threads": threads,
             "device": str(device), "mean": checkpoint["state_dict"]["mean"].flatten().tolist(),
-            "std": checkpoint["state_dict"]["std"].flatten().tolist()}
+            "std": checkpoint["state_dict"]["std"].flatten().tolist(), **(extra_spec or {})}
     (workdir / "spec.json").write_text(json.dumps(spec))
     torch.save({"train": train, "test": test}, workdir / "data.pt")
-    torch.save(backbone_state(cfg, checkpoint), workdir / "backbone.pt")
+    torch.save(backbone if backbone is not None else backbone_state(cfg, checkpoint), workdir / "backbone.pt")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
     done = subprocess.run([str(python), str(ANOMALIB_SIDE), str(workdir)], capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -46,7 +46,9 @@ from per_seed import trained_epochs  # noqa: E402
 MAPS = ("z2", "nll")
 NORMS = ("none", "scale", "position")
 SCORES = ("max", "topk", "mean", "nll", "nll_z")
-RULES = ("val", "last", "test")  # leak-free best validation epoch, fixed last epoch, test-best (reference only)
+NLL_SCORES = ("nll", "nll_z")
+RULES = ("val", "val-1se", "last", "test")  # leak-free: the best validation epoch, the earliest within one standard
+# error of it; the fixed last epoch; the test-best epoch (reference only)
 
 
 # ------------------------------------------------------------------ training with saved outputs
@@ -119,14 +121,23 @@ class Variant:
 
 
 def variants(scores: tuple[str, ...]) -> list[Variant]:
-    found = []
-    for kind in MAPS:
-        for norm in NORMS:
-            found += [Variant(kind, norm, "map", s) for s in scores if s not in ("nll", "nll_z")]
-        found += [Variant(kind, "none", norm, s) for norm in ("scale", "position") for s in scores
-                  if s not in ("nll", "nll_z")]  # raw output map, image score on a standardised one
-    found += [Variant("nll", "none", "map", s) for s in scores if s in ("nll", "nll_z")]
-    return found
+    """Every map kind and standardisation with every map score, and the image-NLL scores."""
+    found = [Variant(kind, norm, "map", s) for kind in MAPS for norm in NORMS for s in scores if s not in NLL_SCORES]
+    return found + [Variant("nll", "none", "map", s) for s in scores if s in NLL_SCORES]
+
+
+def with_raw_map(rows: dict) -> dict:
+    """`model.score_norm` variants, derived: the image score of the standardised map, the pixel metrics of the raw
+    output map (`map_norm: none`), both measured already. {variant: row} -> the same with them added."""
+    derived = {}
+    for name, row in rows.items():
+        variant = Variant(*row["key"])
+        if variant.map_norm != "none" and variant.score not in NLL_SCORES:
+            raw = rows[Variant(variant.map, "none", "map", variant.score).name]
+            read = Variant(variant.map, "none", variant.map_norm, variant.score)
+            derived[read.name] = {**row, "key": list(read.__dict__.values()), "pixel_auroc": raw["pixel_auroc"],
+                                  "aupro": raw["aupro"]}
+    return {**rows, **derived}
 
 
 def score_epoch(outputs: dict, meta: dict, chosen: list[Variant]) -> list[dict]:
@@ -146,7 +157,7 @@ def score_epoch(outputs: dict, meta: dict, chosen: list[Variant]) -> list[dict]:
         _, val_scores = cross_fitted(val[variant.map], val["image_nll"], normal, sources, size, variant.map_norm,
                                      variant.score, meta["topk_fraction"], variant.score_norm)
         val_scores = val_scores.numpy()
-        row = {"variant": variant.name, "image_auroc": M.image_auroc(test_labels, test_scores.numpy()),
+        row = {"variant": variant.name, "key": list(variant.__dict__.values()), "image_auroc": M.image_auroc(test_labels, test_scores.numpy()),
                "val_image_auroc": M.image_auroc(val_labels.numpy(), val_scores)}
         for kind in sorted(set(kinds) - {"good"}):  # validation AUROC of each anomaly type alone
             keep = (kinds == "good") | (kinds == kind)
@@ -176,26 +187,39 @@ def scored(dump: Path, chosen: list[Variant]) -> dict:
     result: dict = defaultdict(dict)
     for key, rows in cache.items():
         seed, epoch = key.split("/")
-        result[int(seed[4:])][int(epoch[5:])] = {r["variant"]: r for r in rows}
+        result[int(seed[4:])][int(epoch[5:])] = with_raw_map({r["variant"]: r for r in rows})
     return result
 
 
-def chosen_epoch(epochs: dict, variant: str, rule: str, metric: str = "val_image_auroc") -> int:
-    """The epoch a rule picks: best `metric` (ties: the later epoch), the last, or the test-best."""
+def auroc_se(auroc: float, n_anomalous: int, n_normal: int) -> float:
+    """The closed-form standard error of an AUROC (Hanley & McNeil 1982)."""
+    q1, q2 = auroc / (2 - auroc), 2 * auroc**2 / (1 + auroc)
+    return float(np.sqrt(max(auroc * (1 - auroc) + (n_anomalous - 1) * (q1 - auroc**2)
+                             + (n_normal - 1) * (q2 - auroc**2), 0.0) / (n_anomalous * n_normal)))
+
+
+def chosen_epoch(epochs: dict, variant: str, rule: str, metric: str = "val_image_auroc",
+                 counts: tuple[int, int] = (1, 1)) -> int:
+    """The epoch a rule picks: best `metric` (ties: the later epoch); the earliest epoch within one standard error
+    of that best (`counts`: the validation's anomalous and normal images); the last; or the test-best."""
     if rule == "last":
         return max(epochs)
-    key = metric if rule == "val" else "image_auroc"
-    return max(epochs, key=lambda e: (epochs[e][variant][key], e))
+    key = metric if rule in ("val", "val-1se") else "image_auroc"
+    best = max(epochs, key=lambda e: (epochs[e][variant][key], e))
+    if rule != "val-1se":
+        return best
+    floor = epochs[best][variant][key] - auroc_se(epochs[best][variant][key], *counts)
+    return min(e for e in epochs if epochs[e][variant][key] >= floor)
 
 
-def summary(result: dict, variant: str, rule_metric: str = "val_image_auroc") -> dict:
+def summary(result: dict, variant: str, rule_metric: str = "val_image_auroc", counts: tuple[int, int] = (1, 1)) -> dict:
     """Mean and sd over seeds of the test figures at each rule's epoch, the fall from the peak, and Spearman."""
     from scipy.stats import spearmanr
 
     cols = defaultdict(list)
     for seed, epochs in result.items():
         for rule in RULES:
-            epoch = chosen_epoch(epochs, variant, rule, rule_metric)
+            epoch = chosen_epoch(epochs, variant, rule, rule_metric, counts)
             cols[f"img {rule}"].append(epochs[epoch][variant]["image_auroc"])
             cols[f"px {rule}"].append(epochs[epoch][variant]["pixel_auroc"])
             cols[f"aupro {rule}"].append(epochs[epoch][variant]["aupro"])
@@ -211,7 +235,6 @@ def summary(result: dict, variant: str, rule_metric: str = "val_image_auroc") ->
 
 def table(args: argparse.Namespace) -> None:
     chosen = variants(tuple(args.scores))
-    names = [v.name for v in chosen]
     fmt = lambda m: f"{m[0]:.3f}±{m[1]:.3f}"
     out = {}
     for dump in args.dumps:
@@ -219,13 +242,18 @@ def table(args: argparse.Namespace) -> None:
         seeds, epochs = sorted(result), min(len(e) for e in result.values())
         print(f"\n### {dump.name}: seeds {seeds}, epochs 1-{epochs}; test image AUROC at the epoch chosen by the "
               "leak-free validation AUROC (val), the last epoch (last) and the test set (test, reference only)\n")
-        print("| variant | img val | img last | img test | px val | aupro val | fall | Spearman | val range |")
-        print("|" + "---|" * 9)
-        for name in names:
-            s = summary(result, name, args.rule_metric)
+        meta = torch.load(next(dump.glob("seed*")) / "meta.pt", weights_only=True)
+        kinds = meta["val_kinds"]
+        subset = args.rule_metric.removeprefix("val_") if args.rule_metric != "val_image_auroc" else None
+        counts = (sum(k != "good" and (subset is None or k == subset) for k in kinds), kinds.count("good"))
+        columns = ("img val", "img val-1se", "img last", "img test", "px val", "aupro val", "px val-1se", "fall",
+                   "spearman", "val range")
+        print("| variant | " + " | ".join(columns) + " |")
+        print("|" + "---|" * (len(columns) + 1))
+        for name in sorted(next(iter(next(iter(result.values())).values()))):
+            s = summary(result, name, args.rule_metric, counts)
             out[f"{dump.name}/{name}"] = s
-            print(f"| {name} | " + " | ".join(fmt(s[k]) for k in ("img val", "img last", "img test", "px val",
-                                                                  "aupro val", "fall", "spearman", "val range")) + " |")
+            print(f"| {name} | " + " | ".join(fmt(s[k]) for k in columns) + " |")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
@@ -247,6 +275,7 @@ def main() -> None:
     show.add_argument("--json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
     train(args) if args.command == "train" else table(args)
 
 

@@ -137,7 +137,7 @@ def _report(args) -> int:
     from .report import write_report
 
     result = write_report(args.experiment, Path(args.out))
-    print(f"{len(result.rows)} rows (best run per category, backbone and selection protocol) -> "
+    print(f"{len(result.rows)} rows (best configuration per category, backbone and selection protocol) -> "
           + ", ".join(str(p) for p in result.files))
     print(f"logged to MLflow run {result.run_id} ('report' in experiment {args.experiment})")
     return 0

@@ -45,6 +45,7 @@ class ModelConfig:
     exposure: Literal["none", "mean"] = "none"  # mean: scale each image to the training images' mean grey level
     mean: Optional[tuple[float, float, float]] = None  # None: the backbone's own (timm pretrained_cfg)
     std: Optional[tuple[float, float, float]] = None
+    feature_norm: Literal["chw", "channel"] = "chw"  # CNN features' LayerNorm: over (C,H,W), or over C per position
     flow_steps: int = 8
     conv3x3_only: bool = True
     hidden_ratio: float = 1.0

@@ -26,16 +26,13 @@ class Evaluation:
     images_per_s: float
     shown: list[int] = field(default_factory=list)
     shown_maps: torch.Tensor | None = None  # (k,1,S,S)
-    maps: torch.Tensor | None = None  # (N,1,S,S) every image's map, for `intervals`
+    maps: torch.Tensor | None = None  # (N,1,S,S) every image's map
 
-    def intervals(self, masks: torch.Tensor) -> dict[str, float]:
-        """Bootstrap intervals over the split's images (`metrics.INTERVAL_LEVEL`) of its image AUROC and, when
-        `masks` `(N,1,S,S)` hold defect pixels and the maps were kept, its pixel AUROC."""
-        values = dict(zip(M.interval_keys("image_auroc"), M.image_auroc_interval(self.labels, self.scores)))
-        if self.maps is not None and bool(masks.any()):
-            values.update(zip(M.interval_keys("pixel_auroc"),
-                              M.pixel_auroc_interval(masks[:, 0].numpy(), self.maps[:, 0].numpy())))
-        return values
+    def pixel_counts(self, masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray] | None:
+        """`metrics.pixel_counts` of the split (masks `(N,1,S,S)`), or None when it has no defect pixel."""
+        if self.maps is None or not bool(masks.any()):
+            return None
+        return M.pixel_counts(masks[:, 0].numpy(), self.maps[:, 0].numpy())
 
     def normal_scores(self) -> np.ndarray:
         return self.scores[self.labels == 0]

@@ -13,7 +13,7 @@ from scipy.stats import bootstrap, mannwhitneyu
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate", "image_auroc_interval",
-           "pixel_auroc_interval", "INTERVAL_LEVEL", "interval_keys"]
+           "pixel_auroc_interval", "pixel_counts", "pixel_auroc_interval_of_counts", "INTERVAL_LEVEL", "interval_keys"]
 
 INTERVAL_LEVEL = 0.95  # the confidence level of every interval the harness prints or logs
 
@@ -189,49 +189,77 @@ def evaluate(labels: np.ndarray, image_scores: np.ndarray, masks: np.ndarray,
     return out
 
 
-def _auroc_of_groups(anomalous: np.ndarray, normal: np.ndarray, axis: int = -1) -> np.ndarray:
-    """AUROC of anomalous vs normal scores along `axis` (Mann-Whitney U / (n1 n0), ties count 1/2)."""
+def _mean_auroc(anomalous: np.ndarray, normal: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC of anomalous vs normal scores along `axis` (Mann-Whitney U / (n1 n0), ties count 1/2), averaged over
+    the leading axis of runs: `(runs, ..., n)` -> `(...)`."""
     u = mannwhitneyu(anomalous, normal, axis=axis, method="asymptotic", use_continuity=False).statistic
-    return u / (anomalous.shape[axis] * normal.shape[axis])
+    return (u / (anomalous.shape[axis] * normal.shape[axis])).mean(axis=0)
+
+
+def _percentiles(values: np.ndarray, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
 
 
 def image_auroc_interval(labels: np.ndarray, scores: np.ndarray, level: float = INTERVAL_LEVEL,
                          resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Bootstrap interval of the image AUROC over test images: normal and anomalous images are resampled
-    separately (stratified, so every resample has both classes), percentile method (scipy.stats.bootstrap)."""
-    s = _finite("scores", scores).ravel()
-    y = _binary_labels(labels, s.size)
+    separately (stratified, so every resample has both classes), percentile method (scipy.stats.bootstrap).
+    `scores` `(N,)`, or `(runs, N)` for runs on the same images (seeds): then the interval of their mean AUROC,
+    every run scored on the same resampled images."""
+    runs = np.atleast_2d(_finite("scores", scores))
+    y = _binary_labels(labels, runs.shape[1])
     if y.all() or not y.any():
         raise ValueError("image_auroc_interval needs both normal (0) and anomalous (1) labels")
-    result = bootstrap((s[y], s[~y]), _auroc_of_groups, n_resamples=resamples, confidence_level=level,
+    indices = np.arange(runs.shape[1])
+
+    def statistic(anomalous: np.ndarray, normal: np.ndarray, axis: int = -1) -> np.ndarray:
+        return _mean_auroc(runs[:, anomalous.astype(int)], runs[:, normal.astype(int)], axis=axis)
+
+    result = bootstrap((indices[y], indices[~y]), statistic, n_resamples=resamples, confidence_level=level,
                        method="percentile", vectorized=True, rng=np.random.default_rng(seed))
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def pixel_auroc_interval(masks: np.ndarray, maps: np.ndarray, level: float = INTERVAL_LEVEL, resamples: int = 1000,
-                         seed: int = 0, bins: int = 2048) -> tuple[float, float]:
-    """Bootstrap interval of the pixel AUROC over test images (whole images are resampled, with their pixels;
-    images with and without defect pixels separately). Pixels are grouped into `bins` score quantiles, so each
-    resample costs a matrix product instead of a sort; the grouping moves the AUROC by well under 1e-3."""
+def pixel_counts(masks: np.ndarray, maps: np.ndarray, bins: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's normal and defect pixels counted in `bins` quantile bins of the split's map values:
+    (normal, defect), both `(N, bins)`. Enough to recompute the pixel AUROC of any resample of whole images (up to
+    ties within a bin, which move it by well under 1e-3), for this run and together with other runs."""
     gt, amap = _pixels(masks, maps)
-    if not gt.any() or gt.all():
-        raise ValueError("pixel_auroc_interval needs both normal and anomalous pixels in masks")
     sample = amap.ravel()[:: max(1, amap.size // (bins * 256))]  # quantile edges from a regular subsample
     edges = np.unique(np.quantile(sample, np.linspace(0, 1, bins + 1)[1:-1]))
-    which = np.searchsorted(edges, amap.reshape(len(amap), -1), side="right")  # (N, pixels) bin per pixel
-    offsets = np.arange(len(amap))[:, None] * (len(edges) + 1)
-    count = lambda sel: np.bincount((which + offsets)[sel.reshape(len(amap), -1)],
-                                    minlength=len(amap) * (len(edges) + 1)).reshape(len(amap), -1)
-    positive, negative = count(gt), count(~gt)  # (N, bins) pixel counts per image
+    which = np.searchsorted(edges, amap.reshape(len(amap), -1), side="right") + bins * np.arange(len(amap))[:, None]
+    count = lambda keep: np.bincount(which[keep.reshape(len(amap), -1)], minlength=len(amap) * bins).reshape(len(amap), bins)
+    return count(~gt), count(gt)
+
+
+def pixel_auroc_interval_of_counts(counts: list[tuple[np.ndarray, np.ndarray]], level: float = INTERVAL_LEVEL,
+                                   resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval over test images of the mean pixel AUROC of runs on the same images, from each run's
+    `pixel_counts`: whole images are resampled (those with and without defect pixels separately), every run on the
+    same resampled images."""
+    defect_pixels = counts[0][1].sum(axis=1)
+    if not defect_pixels.any() or not all(c[0].any() for c in counts):
+        raise ValueError("pixel_auroc_interval needs both normal and anomalous pixels in masks")
     rng = np.random.default_rng(seed)
-    defective = gt.reshape(len(gt), -1).any(axis=1)
-    weights = np.zeros((resamples, len(amap)))
-    for group in (np.flatnonzero(defective), np.flatnonzero(~defective)):
+    weights = np.zeros((resamples, len(defect_pixels)))
+    for group in (np.flatnonzero(defect_pixels > 0), np.flatnonzero(defect_pixels == 0)):
         if len(group):
-            picks = rng.integers(0, len(group), size=(resamples, len(group)))
-            np.add.at(weights, (np.arange(resamples)[:, None], group[picks]), 1.0)
-    pos, neg = weights @ positive, weights @ negative  # (resamples, bins)
-    below = np.cumsum(neg, axis=1) - neg  # normal pixels in lower bins
-    auroc = (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
-    alpha = (1 - level) / 2
-    return float(np.quantile(auroc, alpha)), float(np.quantile(auroc, 1 - alpha))
+            picks = group[rng.integers(0, len(group), size=(resamples, len(group)))]
+            np.add.at(weights, (np.arange(resamples)[:, None], picks), 1.0)
+    aurocs = []
+    for normal, defect in counts:
+        neg, pos = weights @ normal, weights @ defect  # (resamples, bins)
+        below = np.cumsum(neg, axis=1) - neg  # normal pixels in lower bins
+        aurocs.append((pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1)))
+    return _percentiles(np.mean(aurocs, axis=0), level)
+
+
+def pixel_auroc_interval(masks: np.ndarray, maps: np.ndarray, level: float = INTERVAL_LEVEL, resamples: int = 1000,
+                         seed: int = 0) -> tuple[float, float]:
+    """Bootstrap interval of the pixel AUROC over test images (whole images resampled with their pixels; images
+    with and without defect pixels separately), from `pixel_counts`."""
+    gt, _ = _pixels(masks, maps)
+    if not gt.any() or gt.all():
+        raise ValueError("pixel_auroc_interval needs both normal and anomalous pixels in masks")
+    return pixel_auroc_interval_of_counts([pixel_counts(masks, maps)], level, resamples, seed)

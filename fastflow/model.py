@@ -28,9 +28,7 @@ class FastFlow(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1))
         shapes = [(c, cfg.input_size // s, cfg.input_size // s) for c, s in
                   zip(self.backbone.channels, self.backbone.strides)]
-        self.norms = nn.ModuleList(
-            nn.Identity() if is_transformer_name(cfg.backbone) else nn.LayerNorm(list(shape), elementwise_affine=True)
-            for shape in shapes)
+        self.norms = nn.ModuleList(feature_norm(cfg, shape) for shape in shapes)
         self.flows = nn.ModuleList(
             build_flow(*shape, cfg.flow_steps, cfg.conv3x3_only, cfg.hidden_ratio, cfg.clamp) for shape in shapes)
 
@@ -65,6 +63,28 @@ class FastFlow(nn.Module):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels at each position, with one affine per channel: `(B,C,H,W) -> (B,C,H,W)`. The
+    same at every position, so the flows see a part the same wherever it lies."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.norm(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def feature_norm(cfg: ModelConfig, shape: tuple[int, int, int]) -> nn.Module:
+    """The trainable normalisation of one scale's CNN features (transformer features come normed): `chw`, the
+    paper's LayerNorm over `(C,H,W)` with an affine per position (gathierry); `channel`, over C at each position."""
+    if is_transformer_name(cfg.backbone):
+        return nn.Identity()
+    if cfg.feature_norm == "channel":
+        return ChannelNorm(shape[0])
+    return nn.LayerNorm(list(shape), elementwise_affine=True)
 
 
 def count_parameters(modules: nn.Module) -> int:

@@ -40,6 +40,14 @@ def protocol_for_objective(objective: str) -> Protocol:
     return PROTOCOLS[objective]
 
 
+def protocol_named(name: str) -> Protocol:
+    """The protocol whose tag value (`Protocol.name`) is `name`."""
+    found = [p for p in PROTOCOLS.values() if p.name == name]
+    if not found:
+        raise ValueError(f"unknown selection protocol {name!r}; known: {', '.join(p.name for p in PROTOCOLS.values())}")
+    return found[0]
+
+
 def protocol_for_metric(selection_metric: str) -> Protocol:
     """The protocol a best-epoch `eval.selection_metric` belongs to (validation metrics are leak-free)."""
     return LEAK_FREE if selection_metric.startswith("val_") else PAPER
@@ -84,4 +92,4 @@ def resolve_threshold(threshold: str, has_validation: bool, quantile: float) -> 
 
 
 __all__ = ["Protocol", "LEAK_FREE", "PAPER", "PROTOCOLS", "OBJECTIVES", "RANKED_METRICS", "protocol_for_objective",
-           "protocol_for_metric", "ranking_key", "names_key", "AUTO", "resolve_selection", "resolve_threshold"]
+           "protocol_named", "protocol_for_metric", "ranking_key", "names_key", "AUTO", "resolve_selection", "resolve_threshold"]

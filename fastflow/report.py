@@ -1,11 +1,15 @@
-"""`fastflow report`: our best run per (category, backbone) against the paper -> reports/paper_gap.{md,html,png}.
+"""`fastflow report`: our best configuration per (category, backbone) against the paper and the peers ->
+reports/paper_gap.{md,html,png}.
 
-Reads FINISHED runs tagged `category` and `backbone` with `best/image_auroc` from MLflow, keeps the best
-per (category, backbone, selection protocol), each chosen by its own protocol's ranking (fastflow.protocol:
-leak-free rows by the validation metrics, test-set rows by the test metrics), and compares image AUROC,
-pixel AUROC and AUPRO with the paper's CaiT per-category numbers and the seed implementation's
-(fastflow/paper.py). Each row also shows its validation figures and selection fidelity (fastflow.selection),
-and studies get a table of their fidelity across trials. The files are also logged to a run named `report`.
+Reads FINISHED runs tagged `category` and `backbone` with `best/image_auroc` from MLflow. Runs identical but for
+`train.seed` are one configuration; per (category, backbone, selection protocol, implementation) the configuration
+whose seeds rank best on average by that protocol's own metrics (fastflow.protocol: leak-free rows by the
+validation metrics, test-set rows by the test metrics) is reported: its figures averaged over seeds, with their
+spread and a 95% bootstrap interval over test images (fastflow.metrics, from each run's per-image test scores and
+binned test pixels). They are compared with the paper's CaiT per-category numbers, the seed implementation's and
+anomalib's published ones (fastflow/paper.py). Each row also shows its validation figures and selection fidelity
+(fastflow.selection), and studies get a table of their fidelity across trials. The files are also logged to a run
+named `report`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from .paper import MVTEC_CATEGORIES, PAPER_MEANS, paper_numbers
-from .protocol import LEAK_FREE, PAPER, Protocol, protocol_for_metric, ranking_key
+import numpy as np
+
+from .metrics import image_auroc_interval, interval_keys, pixel_auroc_interval_of_counts
+from .paper import MVTEC_CATEGORIES, PAPER_MEANS, anomalib_best, paper_numbers
+from .protocol import LEAK_FREE, PAPER, RANKED_METRICS, Protocol, protocol_for_metric, protocol_named, ranking_key
 from .selection import OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY
 
 log = logging.getLogger(__name__)
@@ -37,14 +44,22 @@ FILES = ("paper_gap.md", "paper_gap.html", "paper_gap.png")
 class ReportRow:
     category: str
     backbone: str  # timm name, as tagged on the run
-    run_id: str
+    run_id: str  # the first of `run_ids`
     run_name: str
-    ours: dict[str, float]  # metric -> best-epoch value (absent when not logged)
-    epoch: Optional[int] = None
-    protocol: str = PAPER.name  # Protocol.name of the run's best-epoch choice
+    ours: dict[str, float]  # metric -> best-epoch value, the mean over the configuration's seeds (absent: not logged)
+    epoch: Optional[int] = None  # the first run's selected epoch
+    protocol: str = PAPER.name  # Protocol.name of the runs' best-epoch choice
     paper: Optional[dict[str, float]] = field(default=None)  # paper_numbers(category); None outside MVTec AD
-    validation: dict[str, float] = field(default_factory=dict)  # val_* metric -> value at the selected epoch
-    fidelity: dict[str, float] = field(default_factory=dict)  # spearman, optimism (when logged)
+    validation: dict[str, float] = field(default_factory=dict)  # val_* metric -> mean value at the selected epochs
+    fidelity: dict[str, float] = field(default_factory=dict)  # spearman, optimism (when logged), mean over seeds
+    run_ids: list[str] = field(default_factory=list)  # one run per seed of one configuration
+    spread: dict[str, float] = field(default_factory=dict)  # metric -> sd over seeds (with 2 seeds or more)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> 95% interval over test images
+    implementation: str = ""  # tag `implementation`: "" for this project, else the peer measured here (anomalib)
+
+    @property
+    def seeds(self) -> int:
+        return max(1, len(self.run_ids))
 
     def reference(self, metric: str, source: str = "paper") -> Optional[float]:
         """The paper's (or, with source='seed', the seed implementation's) value of `metric`."""
@@ -76,36 +91,100 @@ def run_protocol(tags: dict) -> Protocol:
     return LEAK_FREE if tags.get("selection_protocol", "").startswith(LEAK_FREE.name) else PAPER
 
 
+SEED_PARAM = "train.seed"
+# Params that do not change what a run computes (where and how fast it runs); data.root: the data_hash tag says it.
+NOT_CONFIGURATION = ("tracking.", "train.device", "train.num_threads", "train.cache_dir", "train.cache_max_gb",
+                     "train.feature_cache", "data.num_workers", "data.root", "eval.heatmap_images", "eval.batch_size")
+
+
+def configuration(run) -> tuple:
+    """What identifies a run's configuration across seeds: its params other than the seed and the machine's, and its
+    data (tag data_hash). A run without params (logged by hand) is a configuration of its own."""
+    params = run.data.params
+    if SEED_PARAM not in params:
+        return ("run", run.info.run_id)
+    kept = tuple(sorted((k, v) for k, v in params.items() if k != SEED_PARAM and not k.startswith(NOT_CONFIGURATION)))
+    return (run.data.tags.get("data_hash", ""), run.data.tags.get("implementation", ""), kept)
+
+
+def one_per_seed(runs: list) -> list:
+    """The latest run of each seed, in seed order."""
+    latest = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time or 0):
+        latest[run.data.params.get(SEED_PARAM, run.info.run_id)] = run
+    return [latest[seed] for seed in sorted(latest, key=str)]
+
+
+def _mean_metrics(runs: list, names) -> dict[str, float]:
+    return {m: float(np.mean([r.data.metrics[f"best/{m}"] for r in runs])) for m in names
+            if all(f"best/{m}" in r.data.metrics for r in runs)}
+
+
 def best_rows(runs: list) -> list[ReportRow]:
-    """MLflow runs -> the best run per (category, backbone, protocol), ranked by that protocol's own metrics;
-    runs lacking the tags, `best/image_auroc` or their protocol's selection metric are ignored."""
-    best: dict[tuple[str, str, str], tuple[tuple[float, ...], object]] = {}
+    """MLflow runs -> per (category, backbone, protocol, implementation) the best configuration, its seeds averaged;
+    configurations are ranked by their protocol's own metrics (mean over seeds). Runs lacking the tags,
+    `best/image_auroc` or their protocol's selection metric are ignored."""
+    groups: dict[tuple, dict[tuple, list]] = {}
     for run in runs:
         tags, values = run.data.tags, run.data.metrics
         protocol = run_protocol(tags)
         if ("category" not in tags or "backbone" not in tags or "best/image_auroc" not in values
                 or f"best/{protocol.metric}" not in values):
             continue
-        key = (tags["category"], tags["backbone"], protocol.name)
-        rank = ranking_key(values, protocol, "best/")
-        if key not in best or rank > best[key][0]:
-            best[key] = (rank, run)
+        key = (tags["category"], tags["backbone"], protocol.name, tags.get("implementation", ""))
+        groups.setdefault(key, {}).setdefault(configuration(run), []).append(run)
     rows = []
-    for (category, backbone, protocol), (_, run) in best.items():
-        values = run.data.metrics
-        epoch = values.get("best/epoch")
-        rows.append(ReportRow(category, backbone, run.info.run_id, run.info.run_name or "",
-                              {m: values[f"best/{m}"] for m in METRICS if f"best/{m}" in values},
-                              None if epoch is None else int(epoch), protocol, paper_numbers(category),
-                              {m: values[f"best/{m}"] for m in LEAK_FREE.ranking if f"best/{m}" in values},
-                              _fidelity(values)))
-    return sorted(rows, key=lambda row: (*_order(row), row.protocol))
+    for (category, backbone, protocol, implementation), configurations in groups.items():
+        chosen = max((one_per_seed(c) for c in configurations.values()),
+                     key=lambda seeds: ranking_key(_mean_metrics(seeds, RANKED_METRICS), protocol_named(protocol)))
+        first = chosen[0]
+        epoch = first.data.metrics.get("best/epoch")
+        spread = {m: float(np.std([r.data.metrics[f"best/{m}"] for r in chosen], ddof=1)) for m in METRICS
+                  if len(chosen) > 1 and all(f"best/{m}" in r.data.metrics for r in chosen)}
+        rows.append(ReportRow(category, backbone, first.info.run_id, first.info.run_name or "",
+                              _mean_metrics(chosen, METRICS), None if epoch is None else int(epoch), protocol,
+                              paper_numbers(category), _mean_metrics(chosen, LEAK_FREE.ranking),
+                              _mean_fidelity(chosen), [r.info.run_id for r in chosen], spread,
+                              _logged_intervals(first) if len(chosen) == 1 else {}, implementation))
+    return sorted(rows, key=lambda row: (*_order(row), row.implementation, row.protocol))
+
+
+def _logged_intervals(run) -> dict[str, tuple[float, float]]:
+    """The intervals a run logged at its best epoch (`best/<metric>_ci_low/high`)."""
+    found = {}
+    for metric in PAPER_COMPARED:
+        low, high = (f"best/{k}" for k in interval_keys(metric))
+        if low in run.data.metrics and high in run.data.metrics:
+            found[metric] = (run.data.metrics[low], run.data.metrics[high])
+    return found
+
+
+def attach_intervals(rows: list[ReportRow], test_scores: Callable[[str], Optional[dict]],
+                     pixel_counts: Callable[[str], Optional[tuple]]) -> None:
+    """Each row's 95% bootstrap intervals over test images of its mean over seeds, from its runs' per-image test
+    scores and binned test pixels (every seed scored on the same resampled images); rows whose runs lack them
+    keep what a single run logged."""
+    for row in rows:
+        scores = [test_scores(run_id) for run_id in row.run_ids]
+        if scores and all(s is not None for s in scores) and len({tuple(s["images"]) for s in scores}) == 1:
+            row.intervals["image_auroc"] = image_auroc_interval(np.array(scores[0]["labels"]),
+                                                                np.array([s["scores"] for s in scores]))
+        counts = [pixel_counts(run_id) for run_id in row.run_ids]
+        if counts and all(c is not None for c in counts) and len({c[0].shape for c in counts}) == 1:
+            row.intervals["pixel_auroc"] = pixel_auroc_interval_of_counts(counts)
+
+
+FIDELITY_KEYS = (("spearman", SPEARMAN_KEY), ("optimism", OPTIMISM_KEY), ("points", POINTS_KEY),
+                 ("test_reliability", RELIABILITY_KEY))
 
 
 def _fidelity(values: dict) -> dict[str, float]:
-    return {name: values[key] for name, key in (("spearman", SPEARMAN_KEY), ("optimism", OPTIMISM_KEY),
-                                                ("points", POINTS_KEY), ("test_reliability", RELIABILITY_KEY))
-            if key in values}
+    return {name: values[key] for name, key in FIDELITY_KEYS if key in values}
+
+
+def _mean_fidelity(runs: list) -> dict[str, float]:
+    return {name: float(np.mean([r.data.metrics[key] for r in runs])) for name, key in FIDELITY_KEYS
+            if all(key in r.data.metrics for r in runs)}
 
 
 def fidelity_cells(row: ReportRow) -> list[str]:
@@ -153,45 +232,71 @@ def _mean(values: list[Optional[float]]) -> Optional[float]:
     return sum(present) / len(present) if present else None
 
 
+def measured(row: ReportRow, metric: str) -> str:
+    """`mean ± sd over seeds [95% interval over test images]`, each part where it is known."""
+    text = _fmt(row.ours.get(metric))
+    if metric in row.spread:
+        text += f" ± {row.spread[metric]:.3f}"
+    if metric in row.intervals:
+        low, high = row.intervals[metric]
+        text += f" [{low:.3f}, {high:.3f}]"
+    return text
+
+
+def _anomalib(row: ReportRow, metric: str) -> str:
+    best = anomalib_best(row.category, metric)
+    return "-" if best is None else f"{best[0]:.3f} ({best[1]})"
+
+
+def _who(row: ReportRow) -> str:
+    return row.backbone + (f" ({row.implementation}, measured here)" if row.implementation else "")
+
+
+def _runs(row: ReportRow) -> str:
+    return row.run_id[:8] + (f" +{row.seeds - 1}" if row.seeds > 1 else "")
+
+
 def mvtec_cells(row: ReportRow) -> list[str]:
-    cells = [row.category, row.backbone]
+    cells = [row.category, _who(row), str(row.seeds)]
     for metric in PAPER_COMPARED:
-        cells += [_fmt(row.ours.get(metric)), _fmt(row.reference(metric)), _fmt(row.reference(metric, "seed")),
-                  _fmt(row.diff(metric), signed=True)]
-    return cells + [_fmt(row.ours.get("aupro")), *fidelity_cells(row), str(row.epoch if row.epoch is not None else "-"),
-                    row.protocol, row.run_id[:8]]
+        cells += [measured(row, metric), _fmt(row.reference(metric)), _fmt(row.reference(metric, "seed")),
+                  _anomalib(row, metric), _fmt(row.diff(metric), signed=True)]
+    return cells + [measured(row, "aupro"), *fidelity_cells(row), str(row.epoch if row.epoch is not None else "-"),
+                    row.protocol, _runs(row)]
 
 
 def mean_cells(backbone: str, rows: list[ReportRow]) -> list[str]:
-    cells = [f"mean ({len(rows)})", backbone]
+    cells = [f"mean ({len(rows)})", backbone, ""]
     for metric in PAPER_COMPARED:
         cells += [_fmt(_mean([r.ours.get(metric) for r in rows])),
                   _fmt(_mean([r.reference(metric) for r in rows])),
-                  _fmt(_mean([r.reference(metric, "seed") for r in rows])),
+                  _fmt(_mean([r.reference(metric, "seed") for r in rows])), "",
                   _fmt(_mean([r.diff(metric) for r in rows]), signed=True)]
     blank = [""] * (len(FIDELITY_HEADER) + 1)  # fidelity and epoch are per run
     return cells + [_fmt(_mean([r.ours.get("aupro") for r in rows])), *blank, rows[0].protocol, ""]
 
 
 FIDELITY_HEADER = ["val image AUROC", "val pixel AUROC", "Spearman", "optimism", "test reliability"]
-MVTEC_HEADER = ["category", "backbone", "image AUROC", "paper", "seed", "diff", "pixel AUROC", "paper", "seed", "diff",
-                "AUPRO", *FIDELITY_HEADER, "epoch", "selection", "run"]
-OTHER_HEADER = ["category", "backbone", "image AUROC", "pixel AUROC", "AUPRO", *FIDELITY_HEADER, "epoch", "selection",
-                "run"]
+MVTEC_HEADER = ["category", "backbone", "seeds", "image AUROC", "paper", "seed", "anomalib", "diff", "pixel AUROC",
+                "paper", "seed", "anomalib", "diff", "AUPRO", *FIDELITY_HEADER, "epoch", "selection", "runs"]
+OTHER_HEADER = ["category", "backbone", "seeds", "image AUROC", "pixel AUROC", "AUPRO", *FIDELITY_HEADER, "epoch",
+                "selection", "runs"]
 
 
 def other_cells(row: ReportRow) -> list[str]:
-    return [row.category, row.backbone, *(_fmt(row.ours.get(m)) for m in METRICS), *fidelity_cells(row),
-            str(row.epoch if row.epoch is not None else "-"), row.protocol, row.run_id[:8]]
+    return [row.category, _who(row), str(row.seeds), *(measured(row, m) for m in METRICS), *fidelity_cells(row),
+            str(row.epoch if row.epoch is not None else "-"), row.protocol, _runs(row)]
 
 
 def tables(rows: list[ReportRow]) -> tuple[list[list[str]], list[list[str]], list[str]]:
     """(MVTec AD rows incl. one mean row per backbone, other-category rows, notes on the paper's backbone means)."""
     mvtec, notes = [], []
     for backbone in sorted({r.backbone for r in rows if r.paper is not None}):
-        for protocol in sorted({r.protocol for r in rows if r.backbone == backbone and r.paper is not None}):
-            group = [r for r in rows if r.backbone == backbone and r.paper is not None and r.protocol == protocol]
-            mvtec += [mvtec_cells(r) for r in group] + [mean_cells(backbone, group)]
+        for who, protocol in sorted({(r.implementation, r.protocol) for r in rows
+                                     if r.backbone == backbone and r.paper is not None}):
+            group = [r for r in rows if r.backbone == backbone and r.paper is not None and r.protocol == protocol
+                     and r.implementation == who]
+            mvtec += [mvtec_cells(r) for r in group] + [mean_cells(_who(group[0]), group)]
         preset = PRESET_OF_BACKBONE.get(backbone)
         if preset in PAPER_MEANS:
             image, pixel = PAPER_MEANS[preset]
@@ -206,7 +311,7 @@ def _markdown_table(header: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
 
 
-INTRO = ("Best FINISHED run per (category, backbone, selection protocol) in MLflow experiment `{experiment}`, each "
+INTRO = ("Best configuration of FINISHED runs per (category, backbone, selection protocol) in MLflow experiment `{experiment}`, each "
          "chosen by its own protocol: " + LEAK_FREE.name + " rows (" + LEAK_FREE.label + ") by best/"
          + ", then ".join(LEAK_FREE.ranking) + "; " + PAPER.name + " rows (" + PAPER.label + ") by best/"
          + ", then ".join(PAPER.ranking) + ". Image/pixel AUROC and AUPRO are test-set values at the run's selected "
@@ -217,7 +322,12 @@ INTRO = ("Best FINISHED run per (category, backbone, selection protocol) in MLfl
          "minus that of the selected one; test reliability = Spearman of the epochs' test image AUROC between two halves "
          "of the test set (near 0 or below: the test set cannot rank the epochs, so Spearman is noise). "
          "paper = FastFlow (arXiv 2111.07677) with CaiT, per category, whatever our "
-         "backbone; seed = the seed implementation (CaiT). diff = ours − paper. The paper reports no AUPRO.")
+         "backbone; seed = the seed implementation (CaiT); anomalib = the best of anomalib's published FastFlow "
+         "numbers for the category (its backbone in brackets; seed 0, early stopping on the test set). diff = ours − "
+         "paper. The paper reports no AUPRO. Each row is one configuration: its seeds (runs identical but for "
+         "train.seed) are averaged; a figure reads mean ± sd over seeds [95% bootstrap interval over test images of "
+         "that mean: normal and defective images resampled separately, every seed scored on the same resample]. "
+         "Rows measured here with a peer implementation name it.")
 STUDIES_INTRO = ("Selection fidelity of each study across its complete trials: Spearman of the trials' validation "
                  "and test image AUROC; optimism = best test image AUROC among the trials minus the chosen trial's; "
                  "test reliability = Spearman of the trials' test image AUROC between two halves of the test set.")
@@ -327,10 +437,11 @@ def summary_metrics(rows: list[ReportRow]) -> dict[str, float]:
 def write_report(experiment: str = "fastflow", out: Path = Path("reports"), uri: str = "",
                  log_to_mlflow: bool = True) -> ReportResult:
     """Write paper_gap.md/.html/.png into `out` from the experiment's runs; log them to a `report` run."""
-    from .tracking import finished_runs, log_report_run
+    from .tracking import finished_runs, log_report_run, read_pixel_counts, read_test_scores
 
     runs = finished_runs(experiment, uri=uri)
     rows, studies = best_rows(runs), study_rows(runs)
+    attach_intervals(rows, read_test_scores, read_pixel_counts)
     if not rows:
         raise LookupError(f"no FINISHED run tagged category and backbone with best/image_auroc in experiment "
                           f"'{experiment}'; train or sweep first")

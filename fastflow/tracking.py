@@ -44,6 +44,7 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
 BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain artifact
 TEST_SCORES = "test_scores.json"  # per-image test-set scores at the best epoch (test protocol data, for analysis)
+TEST_PIXEL_COUNTS = "test_pixel_counts.npz"  # per-image pixel counts per map-value bin at the best epoch (metrics.pixel_counts)
 MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32, (-1,)),
                  ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
 
@@ -172,6 +173,8 @@ class MlflowTracker:
         self.client.log_figure(self.run_id, figure, "curves.png")
         if result.test_scores:  # per-image test scores at the best epoch: for analysis and the study's reliability
             self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
+        if result.pixel_counts is not None:  # the test maps, binned per image: pixel AUROC intervals over seeds
+            log_pixel_counts(self.client, self.run_id, result.pixel_counts)
         self._log_best_heatmaps(result.best_epoch)
         with tempfile.TemporaryDirectory() as folder:
             config_path = Path(folder) / "config.yaml"
@@ -323,6 +326,43 @@ def read_test_scores(run_id: str) -> Optional[dict]:
     """A run's per-image test scores at its best epoch (`TEST_SCORES`), or None when it has none."""
     data = read_artifact(run_id, TEST_SCORES)
     return json.loads(data) if data is not None else None
+
+
+def log_pixel_counts(client: MlflowClient, run_id: str, counts: tuple[np.ndarray, np.ndarray]) -> None:
+    """`metrics.pixel_counts` (normal, defect) as the compressed array file `TEST_PIXEL_COUNTS`."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / TEST_PIXEL_COUNTS
+        np.savez_compressed(path, normal=counts[0], defect=counts[1])
+        client.log_artifact(run_id, str(path))
+
+
+def log_peer_run(experiment: str, name: str, tags: dict, params: dict, metrics: dict[str, float],
+                 history: dict[int, dict[str, float]], test_scores: dict, pixel_counts: tuple) -> str:
+    """A FINISHED run for a result measured here with another implementation (benchmarks/side_by_side.py): its
+    tags (`implementation`, protocol), params, best-epoch metrics, per-epoch `eval/*` history, per-image test scores
+    and binned test pixels, as this project's runs log them, so `fastflow report` can place it beside them."""
+    client = connect()
+    run = client.create_run(ensure_experiment(experiment, tracking_uri()), run_name=name,
+                            tags={k: redact(str(v)) for k, v in tags.items()})
+    tracker = MlflowTracker(run.info.run_id)
+    tracker.log_params(params)
+    for epoch, values in sorted(history.items()):
+        tracker.log_metrics({f"eval/{k}": v for k, v in values.items()}, step=epoch)
+    tracker.log_metrics(metrics, step=int(metrics.get("best/epoch", 0)))
+    client.log_dict(run.info.run_id, test_scores, TEST_SCORES)
+    log_pixel_counts(client, run.info.run_id, pixel_counts)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def read_pixel_counts(run_id: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """A run's binned test pixels at its best epoch (`TEST_PIXEL_COUNTS`: normal, defect), or None. Read as plain
+    arrays (no pickles)."""
+    data = read_artifact(run_id, TEST_PIXEL_COUNTS)
+    if data is None:
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        return arrays["normal"], arrays["defect"]
 
 
 def read_artifact(run_id: str, path: str) -> Optional[bytes]:

@@ -64,6 +64,7 @@ class TrainResult:
     peak_memory_mb: dict[str, float] = field(default_factory=dict)
     selection_protocol: str = ""  # Protocol.label of the best-epoch choice
     test_scores: dict = field(default_factory=dict)  # at the best epoch: images (defect/file), labels, scores
+    pixel_counts: Optional[tuple] = None  # at the best epoch: metrics.pixel_counts of the test maps (normal, defect)
     threshold_source: str = ""
     fidelity: Optional[Fidelity] = None  # validation vs test across evaluated epochs (None without held-out normals)
 
@@ -283,7 +284,9 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
             key = names_key(metrics, ranking, "eval/")
             if best_key is None or key > best_key:  # ties keep the earlier epoch
                 best_key = key
-                result.best_epoch, result.best_metrics = epoch, {**metrics, **best_intervals(evaluation, validation, encoded)}
+                result.pixel_counts = evaluation.pixel_counts(encoded.test.masks)
+                result.best_epoch = epoch
+                result.best_metrics = {**metrics, **best_intervals(evaluation, validation, result.pixel_counts)}
                 result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation, validation, stats)
                 result.test_scores = {"images": [f"{s.defect}/{Path(s.image).name}" for s in splits.test],
                                       "labels": evaluation.labels.tolist(), "scores": evaluation.scores.tolist()}
@@ -317,14 +320,16 @@ def _evaluate_finite(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: 
                                  f"diverged; train.lr={cfg.train.lr} may be too high") from None
 
 
-def best_intervals(evaluation, validation, encoded: Encoded) -> dict[str, float]:
-    """`eval/<metric>_ci_low/high`: bootstrap intervals over images of the test image and pixel AUROC and of the
-    validation image AUROC, computed for a new best epoch only (a few seconds per evaluation)."""
-    values = {f"eval/{k}": v for k, v in evaluation.intervals(encoded.test.masks).items()}
+def best_intervals(evaluation, validation, pixel_counts) -> dict[str, float]:
+    """`eval/<metric>_ci_low/high`: bootstrap intervals over images of the test image and pixel AUROC (from the
+    test split's `pixel_counts`) and of the validation image AUROC; for a new best epoch only."""
+    values = dict(zip(M.interval_keys("image_auroc"), M.image_auroc_interval(evaluation.labels, evaluation.scores)))
+    if pixel_counts is not None:
+        values.update(zip(M.interval_keys("pixel_auroc"), M.pixel_auroc_interval_of_counts([pixel_counts])))
     if validation is not None:
-        low, high = M.image_auroc_interval(validation.labels, validation.scores)
-        values.update(zip((f"eval/{k}" for k in M.interval_keys("val_image_auroc")), (low, high)))
-    return values
+        values.update(zip(M.interval_keys("val_image_auroc"),
+                          M.image_auroc_interval(validation.labels, validation.scores)))
+    return {f"eval/{k}": v for k, v in values.items()}
 
 
 def other_weights_metrics(model: FastFlow, name: str, encoded: Encoded, cfg: RunConfig, device: torch.device,

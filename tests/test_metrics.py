@@ -8,7 +8,8 @@ import pytest
 from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
 
-from fastflow.metrics import (aupro, evaluate, f1_max, image_auroc, image_auroc_interval, pixel_auroc,
+from fastflow.metrics import (aupro, evaluate, f1_max, image_auroc, image_auroc_interval, pixel_auroc, pixel_counts,
+                             pixel_auroc_interval_of_counts,
                              pixel_auroc_interval)
 
 
@@ -268,3 +269,21 @@ def test_pixel_auroc_interval_matches_a_plain_bootstrap_over_images() -> None:
     assert low == pytest.approx(np.quantile(plain, 0.025), abs=0.015)
     assert high == pytest.approx(np.quantile(plain, 0.975), abs=0.015)
     assert low < pixel_auroc(masks, maps) < high
+
+
+def test_intervals_of_several_runs_are_those_of_their_mean() -> None:
+    """Runs on the same test images (seeds): the interval is the mean AUROC's, each run scored on the same
+    resampled images, so two identical runs give exactly one run's interval and a different run moves it."""
+    rng = np.random.default_rng(3)
+    labels = np.r_[np.zeros(30), np.ones(60)].astype(int)
+    one, other = rng.normal(size=90) + labels, rng.normal(size=90) + 0.3 * labels
+    assert image_auroc_interval(labels, np.stack([one, one])) == pytest.approx(image_auroc_interval(labels, one))
+    low, high = image_auroc_interval(labels, np.stack([one, other]))
+    mean = (image_auroc(labels, one) + image_auroc(labels, other)) / 2
+    assert low < mean < high and high < image_auroc_interval(labels, one)[1]
+    masks = np.zeros((20, 12, 12), bool)
+    masks[10:, 3:7, 3:7] = True
+    maps = rng.normal(size=masks.shape) + masks
+    counts = pixel_counts(masks, maps)
+    assert counts[0].sum() + counts[1].sum() == masks.size and counts[1].sum() == masks.sum()
+    assert pixel_auroc_interval_of_counts([counts, counts]) == pytest.approx(pixel_auroc_interval(masks, maps))

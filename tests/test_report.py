@@ -6,12 +6,14 @@ import os
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fastflow import cli
 from fastflow.paper import CAIT_PER_CATEGORY
 from fastflow.protocol import LEAK_FREE, PAPER
+from fastflow.metrics import image_auroc, image_auroc_interval, pixel_auroc, pixel_counts
 from fastflow.report import write_report
 
 from conftest import mlflow_store
@@ -78,11 +80,12 @@ def test_report_rows_match_mlflow_best_runs(store, tmp_path: Path) -> None:
     assert row.diff("aupro") is None  # the paper reports no AUPRO
 
     markdown = (tmp_path / "reports" / "paper_gap.md").read_text()
-    assert "| bottle | resnet18 | 0.970 | 1.000 | 1.000 | -0.030 | 0.960 | 0.977 | 0.983 | -0.017 | 0.850 |" in markdown
-    assert "| screw | resnet18 | 0.600 | 0.978 | 0.846 | -0.378 |" in markdown
-    assert "| mean (2) | resnet18 | 0.785 |" in markdown
+    assert ("| bottle | resnet18 | 1 | 0.970 | 1.000 | 1.000 | 1.000 (resnet18) | -0.030 | 0.960 | 0.977 | 0.983 "
+            "| 0.991 (deit) | -0.017 | 0.850 |") in markdown
+    assert "| screw | resnet18 | 1 | 0.600 | 0.978 | 0.846 | 0.839 (wide_resnet50_2) | -0.378 |" in markdown
+    assert "| mean (2) | resnet18 |  | 0.785 |" in markdown
     other = markdown.split("## Other categories")[1]
-    assert "| tire | resnet18 | 0.700 | 0.750 | 0.400 |" in other and "bottle" not in other
+    assert "| tire | resnet18 | 1 | 0.700 | 0.750 | 0.400 |" in other and "bottle" not in other
     assert "image AUROC .979" not in markdown and "image AUROC 0.979, pixel AUROC 0.972" in markdown
     page = (tmp_path / "reports" / "paper_gap.html").read_text()
     assert "data:image/png;base64," in page and 'href="paper_gap.png"' in page and "tire" in page
@@ -108,7 +111,7 @@ def test_report_errors_and_cli(store, tmp_path: Path, capsys) -> None:
     with pytest.raises(LookupError, match="experiment 'empty'"):
         write_report("empty", tmp_path)
     assert cli.main(["report", "--experiment", EXPERIMENT, "--out", str(tmp_path / "cli")]) == 0
-    assert "4 rows (best run per category, backbone and selection protocol)" in capsys.readouterr().out
+    assert "4 rows (best configuration per category, backbone and selection protocol)" in capsys.readouterr().out
     assert (tmp_path / "cli" / "paper_gap.html").is_file()
 
 
@@ -148,8 +151,56 @@ def test_each_row_is_chosen_by_its_own_protocol(store, tmp_path: Path) -> None:
     assert row.ours["image_auroc"] == 0.80 and row.validation["val_pixel_auroc"] == 0.95
     assert row.fidelity == {"spearman": 0.6, "optimism": 0.05, "points": 10, "test_reliability": -0.2}
     markdown = (tmp_path / "protocols" / "paper_gap.md").read_text()
-    assert "| bottle | resnet18 | 0.800 | 1.000 | 1.000 | -0.200 |" in markdown
+    assert "| bottle | resnet18 | 1 | 0.800 | 1.000 | 1.000 | 1.000 (resnet18) | -0.200 |" in markdown
     assert "| 1.000 | 0.950 | +0.600 | 0.050 | -0.200 | - | leak-free |" in markdown
-    assert "| bottle | resnet18 | 0.980 |" in markdown and "| test-set |" in markdown
+    assert "| bottle | resnet18 | 1 | 0.980 |" in markdown and "| test-set |" in markdown
     assert "## Studies: selection fidelity" in markdown
     assert f"| fastflow-bottle-demo | bottle | {LEAK_FREE.label} | 8 | +0.550 | 0.020 | +0.700 |" in markdown
+
+
+def test_seeds_of_one_configuration_are_one_row_with_spread_and_interval(tmp_path: Path) -> None:
+    """Runs identical but for train.seed are averaged; the best configuration wins on its mean, not on its luckiest
+    seed; the interval is the bootstrap of the mean over the seeds' per-image test scores and binned pixels."""
+    client = MlflowClient()
+    experiment_id = client.create_experiment("report-seeds", artifact_location=(tmp_path / "a").as_uri())
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(20, int), np.ones(40, int)]
+    masks = np.zeros((60, 16, 16), bool)
+    masks[20:, 4:9, 4:9] = True
+
+    def run(lr: str, seed: int, separation: float) -> tuple[str, np.ndarray]:
+        scores = rng.normal(size=60) + separation * labels
+        maps = rng.normal(size=masks.shape) + separation * masks
+        created = client.create_run(experiment_id, tags={"category": "screw", "backbone": "tf_efficientnet_lite0",
+                                                         "selection_metric": "image_auroc", "data_hash": "abc"})
+        run_id = created.info.run_id
+        for key, value in {"train.seed": seed, "train.lr": lr, "train.num_threads": seed}.items():
+            client.log_param(run_id, key, value)
+        for key, value in (("image_auroc", image_auroc(labels, scores)), ("pixel_auroc", pixel_auroc(masks, maps)),
+                           ("aupro", 0.5)):
+            client.log_metric(run_id, f"best/{key}", value)
+        client.log_dict(run_id, {"images": [f"{i}.png" for i in range(60)], "labels": labels.tolist(),
+                                 "scores": scores.tolist()}, "test_scores.json")
+        normal, defect = pixel_counts(masks, maps)
+        np.savez_compressed(tmp_path / "test_pixel_counts.npz", normal=normal, defect=defect)
+        client.log_artifact(run_id, str(tmp_path / "test_pixel_counts.npz"))
+        client.set_terminated(run_id, "FINISHED")
+        return run_id, scores
+
+    seeds = [run("1e-3", seed, 1.5) for seed in (0, 1, 2)]
+    lucky = [run("3e-3", 0, 3.0), run("3e-3", 1, 0.0), run("3e-3", 2, 0.0)]  # one great seed, a worse mean
+    result = write_report("report-seeds", tmp_path / "seeds", log_to_mlflow=False)
+    row, = result.rows
+    assert row.run_ids == [run_id for run_id, _ in seeds] and row.seeds == 3
+    image = [client.get_run(run_id).data.metrics["best/image_auroc"] for run_id, _ in seeds]
+    assert row.ours["image_auroc"] == pytest.approx(np.mean(image))
+    assert row.spread["image_auroc"] == pytest.approx(np.std(image, ddof=1))
+    assert row.intervals["image_auroc"] == pytest.approx(
+        image_auroc_interval(labels, np.stack([scores for _, scores in seeds])))
+    low, high = row.intervals["pixel_auroc"]
+    assert low < row.ours["pixel_auroc"] < high
+    markdown = (tmp_path / "seeds" / "paper_gap.md").read_text()
+    low, high = row.intervals["image_auroc"]
+    assert (f"| screw | tf_efficientnet_lite0 | 3 | {np.mean(image):.3f} ± {np.std(image, ddof=1):.3f} "
+            f"[{low:.3f}, {high:.3f}] | 0.978 | 0.846 | 0.839 (wide_resnet50_2) |") in markdown
+    assert lucky[0][0] not in {r.run_id for r in result.rows}
