@@ -17,11 +17,14 @@ import subprocess
 import tempfile
 import time
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "View run at <uri>" lines carry credentials
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # no pickled model is ever loaded here
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar per download on stderr  # its "View run at <uri>" lines carry credentials
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -43,6 +46,7 @@ LOCAL_STORE = Path("mlruns")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
 BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain artifact
+CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the best checkpoint: what predict/export/the pyfunc load, as data
 TEST_SCORES = "test_scores.json"  # per-image test-set scores at the best epoch (test protocol data, for analysis)
 MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32, (-1,)),
                  ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
@@ -181,9 +185,9 @@ class MlflowTracker:
             history_path.write_text(json.dumps(result.history, indent=1))
             self.client.log_artifact(self.run_id, str(history_path))
             if result.checkpoint:
-                checkpoint_path = Path(folder) / "checkpoint.pt"
+                checkpoint_path = Path(folder) / Path(CHECKPOINT_ARTIFACT).name
                 torch.save(result.checkpoint, checkpoint_path)
-                self.client.log_artifact(self.run_id, str(checkpoint_path), "checkpoint")
+                self.client.log_artifact(self.run_id, str(checkpoint_path), str(Path(CHECKPOINT_ARTIFACT).parent))
                 if cfg.tracking.log_model:
                     log_pyfunc_model(self.run_id, checkpoint_path, cfg.data.category)
 
@@ -199,20 +203,33 @@ def logged_model_name(category: str, run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{category}-{run_name}").strip("-") or "model"
 
 
-def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
-    """Log the checkpoint as an MLflow pyfunc model named after the run, with the `fastflow` package's code
-    (`code_paths`), so it loads where the project is not installed; its URI goes into the tag `model_uri`."""
-    from . import __file__ as package_init
-    from .mlflow_model import FastFlowPyfunc, pip_requirements
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, logged as code (never a pickle)
 
+
+def pip_requirements() -> list[str]:
+    """Pinned to the versions this model was trained with (skips MLflow's slow inference)."""
+    names = ["torch", "torchvision", "timm", "FrEIA", "numpy", "pillow", "pyyaml", "scikit-learn", "mlflow"]
+    pinned = []
+    for name in names:
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
+    """Log the checkpoint as an MLflow pyfunc *model from code* (`fastflow/mlflow_model.py`, not a pickle) named
+    after the run, with the `fastflow` package's code (`code_paths`), so it loads where the project is not
+    installed; its URI goes into the tag `model_uri`."""
     client = MlflowClient()
     name = logged_model_name(category, client.get_run(run_id).info.run_name or run_id)
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the CloudPickle notice on every trial
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     with warnings.catch_warnings(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example notices; the signature is set
-        info = mlflow.pyfunc.log_model(name=name, python_model=FastFlowPyfunc(),
+        info = mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE),
                                        artifacts={"checkpoint": str(checkpoint_path)},
-                                       code_paths=[str(Path(package_init).parent)],
+                                       code_paths=[str(PYFUNC_CODE.parent)],
                                        signature=model_signature(), pip_requirements=pip_requirements())
     client.set_tag(run_id, "model_uri", info.model_uri)
     client.set_tag(run_id, "model_name", name)
@@ -323,6 +340,16 @@ def read_test_scores(run_id: str) -> Optional[dict]:
     """A run's per-image test scores at its best epoch (`TEST_SCORES`), or None when it has none."""
     data = read_artifact(run_id, TEST_SCORES)
     return json.loads(data) if data is not None else None
+
+
+def download_checkpoint(run_id: str, folder: Path) -> Path:
+    """The run's `CHECKPOINT_ARTIFACT` downloaded into `folder`; ValueError naming the run when it has none."""
+    try:
+        return Path(MlflowClient().download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(folder)))
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise ValueError(f"run {run_id} has no readable {CHECKPOINT_ARTIFACT} artifact "
+                         f"({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__}); "
+                         "only runs of `fastflow train`/`sweep` carry one") from None
 
 
 def read_artifact(run_id: str, path: str) -> Optional[bytes]:
