@@ -40,7 +40,7 @@ def _all_runs(client) -> list:
 
 def check_runs_and_trials(storage: str | None) -> list[str]:
     """RUNNING runs/trials, trials without exactly one run, and state disagreements."""
-    client = connect()
+    client = connect(reap=False)
     runs = _all_runs(client)
     problems = [f"run {r.info.run_id} ({r.info.run_name}) is RUNNING" for r in runs if r.info.status == "RUNNING"]
     if not storage:
@@ -72,7 +72,7 @@ def check_runs_and_trials(storage: str | None) -> list[str]:
 
 def check_registry() -> list[str]:
     """Twin versions of one run; `@champion` not on the best version."""
-    client = connect()
+    client = connect(reap=False)
     problems = []
     for model in client.search_registered_models():
         found = model_versions(client, model.name)
@@ -97,7 +97,7 @@ def check_registry() -> list[str]:
 def check_secrets(secrets: Iterable[str], folders: Iterable[Path] = ()) -> list[str]:
     """Any secret in a run's params or tags, a model version's tags, or a file under `folders`
     (artifact stores, logs)."""
-    client = connect()
+    client = connect(reap=False)
     secrets = [s for s in secrets if s]
     problems = []
     for run in _all_runs(client):

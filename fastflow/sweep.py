@@ -39,8 +39,8 @@ from .signals import check as check_signals, install as install_signal_policy, i
 from .space import SearchSpace, load_space, nested
 from .study_page import figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
-                       finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, start_parent_run,
-                       start_run, tracking_uri, trial_runs)
+                       finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, set_owner,
+                       start_parent_run, start_run, tracking_uri, trial_runs)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -361,6 +361,9 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
     if running:
         log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
                     ", ".join(f"#{t.number}" for t in running))
+        owners = [t.user_attrs[OWNER_ATTR] for t in running if OWNER_ATTR in t.user_attrs]
+        if owners:  # the parent is theirs now: closed FAILED if they die too, reopened by the next sweep
+            set_owner(parent_run_id, owners[0])
         return
     figures = study_figures(study, settings.protocol)
     try:

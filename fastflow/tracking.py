@@ -36,6 +36,7 @@ from mlflow.types import Schema, TensorSpec  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import RunConfig, dump_yaml  # noqa: E402
+from .owners import OWNER_TAG, close_dead_runs, owner_tags  # noqa: E402
 from .redact import redact  # noqa: E402
 from .signals import Interrupted, received as received_signal  # noqa: E402
 from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
@@ -52,23 +53,32 @@ MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32
                  ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
 
 
-def tracking_uri(configured: str = "") -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local sqlite store."""
+def tracking_uri(configured: str = "", create: bool = True) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local sqlite store `mlruns/mlflow.db` (created unless
+    `create` is False: commands that only read or register raise FileNotFoundError rather than start an empty one)."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    store = LOCAL_STORE.resolve() / "mlflow.db"
+    if not create and not store.is_file():
+        raise FileNotFoundError(f"no MLflow store here: {store} does not exist; run this from the project folder "
+                                "(where `fastflow train`/`make sweep` ran) or set MLFLOW_TRACKING_URI")
     LOCAL_STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{LOCAL_STORE.resolve() / 'mlflow.db'}"
+    return f"sqlite:///{store}"
 
 
-def connect(configured: str = "") -> MlflowClient:
+def connect(configured: str = "", create: bool = False, reap: bool = True) -> MlflowClient:
     """The one way to a client: resolve the URI (`tracking_uri`), make it MLflow's current one (fluent calls
     such as `mlflow.register_model` use it), then create the client on it. Never `MlflowClient()` first:
-    without a URI set it opens a stray ./mlflow.db."""
-    uri = tracking_uri(configured)
+    without a URI set it opens a stray ./mlflow.db. `reap`: first close the runs of this host's dead processes
+    (owners.close_dead_runs); checks of the stores pass False, to see them as they are."""
+    uri = tracking_uri(configured, create)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    client = MlflowClient(uri)
+    if reap:
+        close_dead_runs(client)
+    return client
 
 
 def quoted(value: str) -> str:
@@ -81,14 +91,16 @@ def quoted(value: str) -> str:
 
 
 def ensure_experiment(name: str, uri: str) -> str:
-    """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table."""
+    """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table. Closes the runs of
+    this host's dead processes first (every command that writes runs passes here)."""
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
+    close_dead_runs(client)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = None
-        if uri.startswith("sqlite:"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        if uri.startswith("sqlite:"):  # next to the database file (the URI's query, e.g. a password, left out)
+            location = (Path(uri.removeprefix("sqlite:///").split("?")[0]).parent / "artifacts").resolve().as_uri()
         try:
             experiment_id = client.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process
@@ -243,7 +255,8 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
     experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
     client = MlflowClient()
     # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
-    all_tags = {"git_commit": git_commit(), **{key: redact(str(value)) for key, value in (tags or {}).items()}}
+    all_tags = {"git_commit": git_commit(), **owner_tags(),
+                **{key: redact(str(value)) for key, value in (tags or {}).items()}}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None, tags=all_tags)
@@ -278,6 +291,11 @@ def end_run(run_id: str, status: str, error: str = "") -> None:
     client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
 
+def set_owner(run_id: str, owner: str) -> None:
+    """Hand a run to another process (`host:pid:start`): a study's parent run left RUNNING for a running trial."""
+    MlflowClient().set_tag(run_id, OWNER_TAG, owner)
+
+
 def run_status(run_id: str) -> str:
     return MlflowClient().get_run(run_id).info.status
 
@@ -299,7 +317,7 @@ def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optio
     else:
         run_id = client.create_run(experiment_id, run_name=study_name,
                                    tags={"role": "study", "study": study_name, "git_commit": git_commit()}).info.run_id
-    for key, value in tags.items():
+    for key, value in {**tags, **owner_tags()}.items():  # reopened: this process owns it now
         client.set_tag(run_id, key, redact(str(value)))
     return run_id
 
@@ -375,13 +393,12 @@ def finished_runs(experiment: str, filter_string: str = "", uri: str = "") -> li
 
     An unknown experiment raises ValueError naming the experiments that exist.
     """
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    client = MlflowClient()
+    client = connect(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"unknown experiment '{experiment}'; experiments: {', '.join(names) or 'none'} "
-                         f"(tracking store {mlflow.get_tracking_uri()})")
+                         f"(tracking store {redact(mlflow.get_tracking_uri())})")
     query = " and ".join(q for q in ("attributes.status = 'FINISHED'", filter_string) if q)
     runs, token = [], None
     while True:
@@ -397,7 +414,7 @@ def log_report_run(experiment: str, files: list[Path], metrics: dict[str, float]
     experiment_id = ensure_experiment(experiment, tracking_uri(uri))
     client = MlflowClient()
     run_id = client.create_run(experiment_id, run_name="report",
-                               tags={"role": "report", "git_commit": git_commit()}).info.run_id
+                               tags={"role": "report", "git_commit": git_commit(), **owner_tags()}).info.run_id
     for path in files:
         client.log_artifact(run_id, str(path), "report")
     MlflowTracker(run_id).log_metrics(metrics, step=0)

@@ -124,7 +124,7 @@ class Chaos:
         from fastflow.tracking import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = self.env["MLFLOW_TRACKING_URI"]
-        client = connect()
+        client = connect(reap=False)
         experiment = client.get_experiment_by_name("fastflow")
         runs = [r.info.run_id for r in client.search_runs(
             [experiment.experiment_id], "attributes.status = 'FINISHED' and tags.category = 'synthetic'")
@@ -152,7 +152,7 @@ class Chaos:
         from fastflow.tracking import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = self.env["MLFLOW_TRACKING_URI"]
-        connect()
+        connect(reap=False)
         return check_all(self.env["OPTUNA_STORAGE"], [SECRET], [self.folder / "artifacts", self.logs])
 
     def round(self, target: str, name: str) -> tuple[str, list[str]]:

@@ -88,6 +88,15 @@ def test_cli_promote_alone_uses_the_project_store_and_is_idempotent(project, mon
     assert client.get_model_version_by_alias(model_name("synthetic"), CHAMPION).version == versions[0].version
 
 
+def test_promote_from_another_folder_creates_no_store(tmp_path: Path, monkeypatch, capsys):
+    """Failed before the fix: it created an empty <cwd>/mlruns/mlflow.db and then found no run in it."""
+    _fresh_process_state(monkeypatch, tmp_path)
+    assert cli.main(["promote", "--category", "synthetic"]) == 2
+    error = capsys.readouterr().err
+    assert "no MLflow store here" in error and "MLFLOW_TRACKING_URI" in error and len(error.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_twin_registrations_are_resolved_and_champion_is_best_by_ranking(project, monkeypatch):
     """A promoter killed between registering and resolving leaves a twin version; the next promotion removes it
     and points @champion at the best version by the protocol's ranking key."""
