@@ -96,6 +96,10 @@ class PrunedTrial(optuna.TrialPruned):
     mlflow_status = "KILLED"
 
 
+class TrialError(RuntimeError):
+    """A trial's failure as Optuna records and logs it: `<type>: <message>`, secrets masked."""
+
+
 def _retry_once(study: optuna.Study, trial: FrozenTrial) -> None:
     """Queue the trial's parameters again, once (a retry carries none of the dead trial's attributes)."""
     if RETRY_ATTR not in trial.user_attrs and trial.params:
@@ -281,7 +285,15 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
             trial.set_user_attr("best_epoch", result.best_epoch)
             return result.best_metrics[f"eval/{settings.metric}"]
 
-    return objective
+    def masked(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:  # Optuna logs (and may store) the text: a data root's token must not reach it
+            raise TrialError(redact(f"{type(error).__name__}: {error}")) from None
+
+    return masked
 
 
 def run_worker(settings: SweepSettings, parent_run_id: str, n_trials: int, worker: int = 0) -> None:

@@ -159,7 +159,7 @@ class MlflowTracker:
     def log_dataset(self, name: str, digest: str, source: str, split_sizes: dict[str, int]) -> None:
         """The run's data as an MLflow dataset input (the runs table's Dataset column, the Datasets page)."""
         profile = json.dumps({"num_images": sum(split_sizes.values()), **{f"{k}_images": v for k, v in split_sizes.items()}})
-        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": redact(source)}),
                           schema=json.dumps({"layout": "MVTec AD folders: train/good, validation/good, test/<defect>, "
                                                        "ground_truth/<defect>"}), profile=profile)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])

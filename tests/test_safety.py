@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -29,7 +30,7 @@ from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.tracking import start_run
 from fastflow.train import train_and_evaluate
 
-from conftest import DEMO_YAML, fast_config
+from conftest import DEMO_YAML, fast_config, mlflow_store
 
 TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8",
         "eval.heatmap_images=0")
@@ -184,6 +185,40 @@ def test_tracking_uri_password_never_written_or_printed(project, tmp_path: Path)
     assert not [p for p in files if secret.encode() in p.read_bytes()]
     assert redact("postgresql://fastflow:pw1@db:5432/optuna") == "postgresql://fastflow:***@db:5432/optuna"
     assert redact("http://host/x?user=a&token=t0k&x=1") == "http://host/x?user=a&token=***&x=1"
+
+
+def test_a_token_in_the_data_root_reaches_no_table_of_the_store(tmp_path: Path, synthetic_root: Path):
+    """Failed before the fix: the datasets table (the UI's Dataset column) kept the data root's token."""
+    from fastflow.invariants import check_secrets
+
+    token = "tok3n-in-the-root"
+    root = tmp_path / f"data?token={token}"
+    root.mkdir()
+    (root / "synthetic").symlink_to(synthetic_root / "synthetic")
+    cfg = fast_config(tmp_path, *TINY, data_root=root)
+    with start_run(cfg) as tracker:
+        train_and_evaluate(cfg, tracker)
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.inputs.dataset_inputs and "token=***" in run.inputs.dataset_inputs[0].dataset.source
+    assert check_secrets([token], [tmp_path / "artifacts"], databases=[tmp_path / "mlflow.db"]) == []
+
+
+def test_a_token_in_a_trial_error_reaches_no_store_or_log(tmp_path: Path, monkeypatch, caplog):
+    """Failed before the fix: Optuna logged the failed trial's error text, data root and token included."""
+    from fastflow.invariants import check_secrets
+    from fastflow.sweep import SweepSettings, run_sweep
+
+    from test_sweep import write_space
+
+    token = "tok3n-in-an-error"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run_sweep(SweepSettings(write_space(tmp_path, epochs=1), "widget", str(tmp_path / f"missing?token={token}"),
+                            trials=1, storage=storage, promote=False))
+    trial = optuna.load_study(study_name="fastflow-widget-tiny", storage=storage).trials[0]
+    assert trial.state.name == "FAIL" and "failed" in caplog.text and "token=***" in caplog.text
+    assert token not in caplog.text
+    assert check_secrets([token], [tmp_path / "artifacts"], storage, [tmp_path / "mlflow.db", tmp_path / "optuna.db"]) == []
 
 
 # ---------------------------------------------------------------- 5. feature cache integrity
