@@ -49,6 +49,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment"
 OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
 RETRY_ATTR = "retry_of"
+CLOSED_ATTR = "closed_after_worker_died"  # set by whichever process closed the trial of a dead worker
 OBJECTIVE_ATTR = "objective"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
@@ -84,12 +85,15 @@ class SweepSettings:
         return self.study_name or f"fastflow-{self.category}-{Path(self.space_path).stem}"
 
     def storage_url(self) -> str:
-        if self.storage:
-            return self.storage
-        if os.environ.get("OPTUNA_STORAGE"):
-            return os.environ["OPTUNA_STORAGE"]
-        Path("mlruns").mkdir(exist_ok=True)
-        return f"sqlite:///{Path('mlruns').resolve() / 'optuna.db'}"
+        return self.storage or default_storage()
+
+
+def default_storage() -> str:
+    """$OPTUNA_STORAGE, else `sqlite:///mlruns/optuna.db`."""
+    if os.environ.get("OPTUNA_STORAGE"):
+        return os.environ["OPTUNA_STORAGE"]
+    Path("mlruns").mkdir(exist_ok=True)
+    return f"sqlite:///{Path('mlruns').resolve() / 'optuna.db'}"
 
 
 class PrunedTrial(optuna.TrialPruned):
@@ -139,6 +143,7 @@ def close_dead_trial(study: optuna.Study, trial: FrozenTrial, metric: str, reaso
     pruned = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("pruned") == "true"]
     storage = study._storage
     try:
+        storage.set_trial_user_attr(trial._trial_id, CLOSED_ATTR, reason)
         if finished:
             metrics = finished[0].data.metrics
             storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", finished[0].info.run_id)
@@ -350,13 +355,13 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         raise
     finally:
         study = load_study(settings, space)
-        died = close_orphaned_trials(study, settings.metric)
+        close_orphaned_trials(study, settings.metric)
         optuna.storages.fail_stale_trials(study)
         status = "FAILED" if dead and status == "FINISHED" else status
         study_fidelity = trial_fidelity(study, settings.protocol)
         _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity)
     if dead:
-        raise WorkerDiedError(_death_message(dead, died))
+        raise WorkerDiedError(_death_message(dead, study.trials))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
                          _counts(study), fidelity=study_fidelity)
     if settings.promote and result.best_trial is not None:
@@ -387,14 +392,16 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
     finish_parent_run(parent_run_id, figures, metrics, status, page)
 
 
-def _death_message(dead: list[tuple[int, str, int]], closed: list[FrozenTrial]) -> str:
+def _death_message(dead: list[tuple[int, str, int]], trials: list[FrozenTrial]) -> str:
+    """Each dead worker with the trial it was running (closed by this runner, by another worker or by a later
+    sweep: whichever process saw it first)."""
     parts = []
     for index, identity, code in dead:
-        trials = [f"#{t.number}" for t in closed if t.user_attrs.get(OWNER_ATTR) == identity]
+        running = [f"#{t.number}" for t in trials if t.user_attrs.get(OWNER_ATTR) == identity and CLOSED_ATTR in t.user_attrs]
         how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
         parts.append(f"worker {index} (pid {identity.split(':')[1]}) died ({how}) "
-                     + (f"during trial {', '.join(trials)}: marked FAIL, its run FAILED, retry queued"
-                        if trials else "between trials"))
+                     + (f"during trial {', '.join(running)}: closed (FAIL and its run FAILED, retry queued, unless its "
+                        "run had already ended)" if running else "between trials"))
     return "; ".join(parts) + "; re-run the same command to continue the study"
 
 

@@ -36,14 +36,18 @@ from mlflow.types import Schema, TensorSpec  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import RunConfig, dump_yaml  # noqa: E402
+from .faults import StoreError, describe, fault_of, guard, store_error  # noqa: E402
 from .owners import OWNER_TAG, close_dead_runs, owner_tags  # noqa: E402
 from .redact import redact  # noqa: E402
 from .signals import Interrupted, received as received_signal  # noqa: E402
 from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
+from matplotlib import pyplot  # noqa: E402  (after visualize, which selects the Agg backend)
 
 log = logging.getLogger(__name__)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its tracebacks: faults are one line (faults.py)
 
 LOCAL_STORE = Path("mlruns")
+STORE = "MLflow tracking store"  # how errors name it (faults.py)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
 BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain artifact
@@ -74,11 +78,30 @@ def connect(configured: str = "", create: bool = False, reap: bool = True) -> Ml
     without a URI set it opens a stray ./mlflow.db. `reap`: first close the runs of this host's dead processes
     (owners.close_dead_runs); checks of the stores pass False, to see them as they are."""
     uri = tracking_uri(configured, create)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     if reap:
         close_dead_runs(client)
     return client
+
+
+_REACHED: set[str] = set()
+
+
+def check_reachable(uri: str, seconds: float = 10.0) -> None:
+    """First contact with a tracking server (once per process): one `StoreError` line within seconds when it does
+    not answer, instead of minutes of MLflow's retries. Later outages are retried by MLflow (a 60 s restart of the
+    server loses nothing)."""
+    if not uri.startswith(("http://", "https://")) or uri in _REACHED:
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=seconds)
+    except requests.RequestException as error:
+        raise store_error(error, {STORE: redact(uri)}) or StoreError(redact(f"{STORE} {uri}: {describe(error)}")) from None
+    _REACHED.add(uri)
 
 
 def quoted(value: str) -> str:
@@ -93,6 +116,7 @@ def quoted(value: str) -> str:
 def ensure_experiment(name: str, uri: str) -> str:
     """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table. Closes the runs of
     this host's dead processes first (every command that writes runs passes here)."""
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     close_dead_runs(client)
@@ -185,7 +209,10 @@ class MlflowTracker:
             kind = result.checkpoint["threshold_kind"]
             self.set_tags({"threshold_kind": kind, "threshold": f"{result.checkpoint['thresholds'][kind]:.6g}"})
         figure = curves_figure(result.history)
-        self.client.log_figure(self.run_id, figure, "curves.png")
+        try:
+            self.client.log_figure(self.run_id, figure, "curves.png")
+        finally:
+            pyplot.close(figure)  # pyplot keeps every figure it made: one leaked per run in a long sweep
         if result.test_scores:  # per-image test scores at the best epoch: for analysis and the study's reliability
             self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
         self._log_best_heatmaps(result.best_epoch)
@@ -250,33 +277,58 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
 @contextlib.contextmanager
 def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] = None,
               tags: Optional[dict] = None) -> Iterator[MlflowTracker]:
-    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C)."""
+    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C). A fault of the store
+    (disk full, read-only, server unreachable) is one `StoreError` line naming it; a run the fault leaves RUNNING
+    is closed by the next command on this host (owners)."""
     uri = tracking_uri(cfg.tracking.uri)
-    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
-    client = MlflowClient()
-    # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
-    all_tags = {"git_commit": git_commit(), **owner_tags(),
-                **{key: redact(str(value)) for key, value in (tags or {}).items()}}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None, tags=all_tags)
-    tracker = MlflowTracker(run.info.run_id)
+    with store_guard(uri):
+        experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
+        # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
+        all_tags = {"git_commit": git_commit(), **owner_tags(),
+                    **{key: redact(str(value)) for key, value in (tags or {}).items()}}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = MlflowClient().create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None,
+                                           tags=all_tags).info.run_id
     try:
-        yield tracker
+        yield MlflowTracker(run_id)
     except KeyboardInterrupt as error:
-        end_run(run.info.run_id, "KILLED", interruption_note(error))
+        _close(run_id, "KILLED", interruption_note(error))
         raise
     except BaseException as error:
         signum = received_signal()
         if signum is not None:  # cleanup replaced the signal's exception with its own error
             interrupted = Interrupted(signum)
-            end_run(run.info.run_id, "KILLED", interruption_note(interrupted))
+            _close(run_id, "KILLED", interruption_note(interrupted))
             raise interrupted from error
-        status = getattr(error, "mlflow_status", "FAILED")
-        end_run(run.info.run_id, status, f"{type(error).__name__}: {error}")
+        fault = store_error(error, {STORE: redact(uri)})
+        if fault is not None:
+            closed = _close(run_id, "FAILED", str(fault))
+            raise StoreError(f"{fault}" + ("" if closed else f"; run {run_id} stays RUNNING until the next command "
+                                                             "on this host closes it")) from None
+        _close(run_id, getattr(error, "mlflow_status", "FAILED"), f"{type(error).__name__}: {error}")
         raise
     else:
-        end_run(run.info.run_id, "FINISHED")
+        with store_guard(uri):
+            end_run(run_id, "FINISHED")
+
+
+def store_guard(uri: str = ""):
+    """Faults of the tracking store at `uri` (default: the current one) inside become one `StoreError` line."""
+    return guard({STORE: redact(uri or mlflow.get_tracking_uri())})
+
+
+def _close(run_id: str, status: str, note: str) -> bool:
+    """`end_run`, unless the store fails too (a full disk, the server gone): then False, and the next command on
+    this host closes the run (its owner is gone by then)."""
+    try:
+        end_run(run_id, status, note)
+        return True
+    except Exception as error:
+        if not fault_of(error):
+            raise
+        log.debug("could not end run %s: %s", run_id, describe(error))
+        return False
 
 
 def interruption_note(error: KeyboardInterrupt) -> str:
@@ -329,7 +381,10 @@ def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], sta
     """Attach the study's figures, its HTML page (`study.html`) and best metrics, then end the parent run."""
     client = MlflowClient()
     for name, figure in figures.items():
-        client.log_figure(run_id, figure, f"study/{name}")
+        try:
+            client.log_figure(run_id, figure, f"study/{name}")
+        finally:
+            pyplot.close(figure)
     if page:
         client.log_text(run_id, page, STUDY_PAGE)
     if metrics:

@@ -137,8 +137,10 @@ def test_sigkilled_sweep_is_closed_at_once_by_the_next_run(stores, synthetic_roo
 
 @pytest.mark.slow  # two spawned workers (~35 s idle); `make chaos` kills workers many more times
 def test_dead_worker_fails_the_sweep_naming_its_trial(stores, synthetic_root):
+    """Two trials per worker: the surviving worker outlives the victim and closes its trial first (its own clean-up
+    closes trials of dead workers). Failed before the fix: the sweep then said the victim died 'between trials'."""
     tmp, storage = stores["tmp"], stores["storage"]
-    sweep = subprocess.Popen(_sweep_command(write_space(tmp, epochs=4), synthetic_root, 2, 2), env=os.environ.copy(),
+    sweep = subprocess.Popen(_sweep_command(write_space(tmp, epochs=4), synthetic_root, 4, 2), env=os.environ.copy(),
                              cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     victim = _wait(lambda: _running_trials(storage), what="running trial")[0]
     os.kill(int(victim.user_attrs[OWNER_ATTR].split(":")[1]), signal.SIGKILL)
