@@ -92,14 +92,14 @@ def store_error(error: BaseException, stores: dict[str, str]) -> Optional[StoreE
         return None
     files = [link.filename for link in chain if isinstance(link, OSError) and link.filename]
     if kind and kind in stores:
-        where = f"{kind} {stores[kind]}"
+        where = f"{kind} {redact(stores[kind])}"
     elif files:
-        where = f"file {files[-1]}"
+        where = f"file {redact(files[-1])}"
     else:
-        where = " / ".join(f"{name} {uri}" for name, uri in stores.items()) or "a store"
-    detail = describe(chain[-1])
+        where = " / ".join(f"{name} {redact(uri)}" for name, uri in stores.items()) or "a store"
+    detail = redact(describe(chain[-1]))  # each part on its own: a masked query value would swallow a ':' after it
     advice = _FAULTS[fault][2].format(variable=_VARIABLES.get(kind, "MLFLOW_TRACKING_URI / OPTUNA_STORAGE"))
-    return StoreError(redact(f"{where}: {fault} ({detail}); {advice}"))
+    return StoreError(f"{where}: {fault} ({detail}); {advice}")
 
 
 @contextlib.contextmanager
