@@ -14,7 +14,6 @@ Safe to run again and from several machines at once, using only the registry's o
 from __future__ import annotations
 
 import logging
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,18 +234,12 @@ def registered_version(uri: str) -> ModelVersion:
     return versions[version]
 
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
 def model_run_id(model: str) -> str:
     """The run behind `models:/...`, `runs:/<run id>/...` or a run id: only the registry's and the tracking
     store's records are read, nothing of the logged model."""
     if model.startswith("models:/"):
         return registered_version(model).run_id
     run_id = model.removeprefix("runs:/").split("/")[0]
-    if not RUN_ID.match(run_id):
-        raise ValueError(f"model {model!r}: expected models:/<name>@<alias>, models:/<name>/<version>, "
-                         "runs:/<run id>/model or a 32-hex run id")
     try:
         connect().get_run(run_id)
     except MlflowException:

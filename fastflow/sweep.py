@@ -11,6 +11,7 @@ non-zero naming the trial; the parent run ends only when the study has no runnin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -49,7 +50,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment"
 OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
 RETRY_ATTR = "retry_of"
-CLOSED_ATTR = "closed_after_worker_died"  # set by whichever process closed the trial of a dead worker
+ENDED_ATTR = "objective_ended"  # set by the worker when its objective returns or raises: absent if it died inside
 OBJECTIVE_ATTR = "objective"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
@@ -143,7 +144,6 @@ def close_dead_trial(study: optuna.Study, trial: FrozenTrial, metric: str, reaso
     pruned = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("pruned") == "true"]
     storage = study._storage
     try:
-        storage.set_trial_user_attr(trial._trial_id, CLOSED_ATTR, reason)
         if finished:
             metrics = finished[0].data.metrics
             storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", finished[0].info.run_id)
@@ -297,6 +297,9 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
             raise
         except Exception as error:  # Optuna logs (and may store) the text: a data root's token must not reach it
             raise TrialError(redact(f"{type(error).__name__}: {error}")) from None
+        finally:  # a marker only: a storage that fails here reports itself at Optuna's tell
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(ENDED_ATTR, True)
 
     return masked
 
@@ -393,11 +396,12 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
 
 
 def _death_message(dead: list[tuple[int, str, int]], trials: list[FrozenTrial]) -> str:
-    """Each dead worker with the trial it was running (closed by this runner, by another worker or by a later
-    sweep: whichever process saw it first)."""
+    """Each dead worker with the trial it died in (its objective never ended), whichever process closed it: this
+    runner, another worker or Optuna's heartbeat."""
     parts = []
     for index, identity, code in dead:
-        running = [f"#{t.number}" for t in trials if t.user_attrs.get(OWNER_ATTR) == identity and CLOSED_ATTR in t.user_attrs]
+        running = [f"#{t.number}" for t in trials if t.user_attrs.get(OWNER_ATTR) == identity
+                   and ENDED_ATTR not in t.user_attrs]
         how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
         parts.append(f"worker {index} (pid {identity.split(':')[1]}) died ({how}) "
                      + (f"during trial {', '.join(running)}: closed (FAIL and its run FAILED, retry queued, unless its "

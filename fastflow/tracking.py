@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "View run at <uri>" lines carry credentials
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # no pickled model is ever loaded here
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar per download on stderr  # its "View run at <uri>" lines carry credentials
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar per download on stderr
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -100,7 +100,8 @@ def check_reachable(uri: str, seconds: float = 10.0) -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=seconds)
     except requests.RequestException as error:
-        raise store_error(error, {STORE: redact(uri)}) or StoreError(redact(f"{STORE} {uri}: {describe(error)}")) from None
+        raise (store_error(error, {STORE: uri})
+               or StoreError(f"{STORE} {redact(uri)}: {redact(describe(error))}")) from None
     _REACHED.add(uri)
 
 
@@ -263,7 +264,7 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
     installed; its URI goes into the tag `model_uri`."""
     client = MlflowClient()
     name = logged_model_name(category, client.get_run(run_id).info.run_name or run_id)
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # its environment notices on every trial
     with warnings.catch_warnings(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example notices; the signature is set
         info = mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE),
@@ -301,7 +302,7 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
             interrupted = Interrupted(signum)
             _close(run_id, "KILLED", interruption_note(interrupted))
             raise interrupted from error
-        fault = store_error(error, {STORE: redact(uri)})
+        fault = store_error(error, {STORE: uri})
         if fault is not None:
             closed = _close(run_id, "FAILED", str(fault))
             raise StoreError(f"{fault}" + ("" if closed else f"; run {run_id} stays RUNNING until the next command "
@@ -315,7 +316,7 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
 
 def store_guard(uri: str = ""):
     """Faults of the tracking store at `uri` (default: the current one) inside become one `StoreError` line."""
-    return guard({STORE: redact(uri or mlflow.get_tracking_uri())})
+    return guard({STORE: uri or mlflow.get_tracking_uri()})
 
 
 def _close(run_id: str, status: str, note: str) -> bool:
@@ -420,8 +421,7 @@ def download_checkpoint(run_id: str, folder: Path) -> Path:
     try:
         return Path(MlflowClient().download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(folder)))
     except (mlflow.exceptions.MlflowException, OSError) as error:
-        raise ValueError(f"run {run_id} has no readable {CHECKPOINT_ARTIFACT} artifact "
-                         f"({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__}); "
+        raise ValueError(f"run {run_id} has no readable {CHECKPOINT_ARTIFACT} artifact ({redact(describe(error))}); "
                          "only runs of `fastflow train`/`sweep` carry one") from None
 
 
