@@ -28,11 +28,12 @@ def owner_tags() -> dict[str, str]:
 def _running_runs_of_this_host(client: MlflowClient) -> list:
     host = socket.gethostname().replace("'", "")
     query = f"attributes.status = 'RUNNING' and tags.{OWNER_TAG} LIKE '{host}:%'"
+    ids = [experiment.experiment_id for experiment in client.search_experiments()]
     runs = []
-    for experiment in client.search_experiments():
+    for start in range(0, len(ids), 100):  # one search per 100 experiments (a server's limit)
         token = None
         while True:
-            page = client.search_runs([experiment.experiment_id], query, max_results=1000, page_token=token)
+            page = client.search_runs(ids[start:start + 100], query, max_results=1000, page_token=token)
             runs += list(page)
             token = page.token
             if not token:
