@@ -51,7 +51,8 @@ test-distributed: install
 	bash scripts/distributed_test.sh
 
 # Fault injection: SIGINT/SIGTERM/SIGKILL at random points of train, sweep (1 and 2 workers) and racing
-# promoters, each followed by a re-run and an invariant check (scripts/chaos.py); MINUTES=15 by default.
+# promoters, a tracking-server outage and a full disk, each followed by a re-run and an invariant check
+# (scripts/chaos.py); MINUTES=15 by default, every kind at least once.
 chaos: install
 	nice -n 10 $(BIN)/python scripts/chaos.py $(if $(MINUTES),--minutes $(MINUTES))
 

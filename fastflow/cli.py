@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import signals
 from .config import ConfigError, load_config
+from .faults import store_error
 from .protocol import LEAK_FREE, OBJECTIVES, PAPER
 from .redact import redact
 
@@ -17,8 +18,14 @@ from .redact import redact
 def _train(args) -> int:
     signals.install()  # from the start: a SIGTERM during the slow imports is reported like a later one
     cfg = load_config(args.config, args.set)  # report config errors before the slow imports
+    from .preflight import missing_gpu
+
+    if missing_gpu(cfg.train.device):
+        raise ConfigError(missing_gpu(cfg.train.device))
     from .tracking import start_run
-    from .train import train_and_evaluate
+    from .train import resolve_device, train_and_evaluate
+
+    resolve_device(cfg.train.device)  # torch's word on the device, before any run exists
 
     if not cfg.tracking.enabled:
         result = train_and_evaluate(cfg)
@@ -271,9 +278,25 @@ def main(argv: list[str] | None = None) -> int:
         code = 1
     except KeyboardInterrupt as error:  # runs and trials were already marked KILLED/FAIL on the way out
         return _interrupted(signals.exit_code(error))
+    except Exception as error:  # a store's fault outside a run (disk full, read-only, server gone): one line
+        fault = store_error(error, _stores())
+        if fault is None:
+            raise
+        print(f"error: {fault}", file=sys.stderr)
+        code = 2
     if signals.received() is not None:  # a signal whose exception was dropped on the way: never exit 0 after it
         return _interrupted(signals.Interrupted(signals.received()).exit_code)
     return code
+
+
+def _stores() -> dict[str, str]:
+    """The stores this process used, to name the one that failed (only modules already imported are asked)."""
+    stores = {}
+    if "mlflow" in sys.modules:
+        stores["MLflow tracking store"] = sys.modules["mlflow"].get_tracking_uri()
+    if "fastflow.sweep" in sys.modules:
+        stores["Optuna storage"] = sys.modules["fastflow.sweep"].default_storage()
+    return stores
 
 
 def _interrupted(code: int) -> int:

@@ -7,6 +7,7 @@ Every default lives here once. Unknown keys, wrong types and impossible values r
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
@@ -21,6 +22,24 @@ from .redact import redact_values
 
 class ConfigError(ValueError):
     """A configuration value is unknown, mistyped or impossible."""
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (only true/false). YAML 1.1 also reads yes/no/on/off as
+    booleans, which turned the documented `train.amp: off` into False; bool keys still accept those words."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, booleans as in YAML 1.2 (`off` stays the string 'off')."""
+    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 @dataclass(frozen=True)
@@ -188,6 +207,8 @@ def _coerce(value: Any, type_hint: Any, key: str) -> Any:
             pass
     if type_hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if type_hint is bool and isinstance(value, str) and value.lower() in _BOOL_WORDS:
+        return _BOOL_WORDS[value.lower()]
     if not isinstance(value, type_hint) or (type_hint is int and isinstance(value, bool)):
         raise ConfigError(f"{key}={value!r} has the wrong type; expected {type_hint.__name__}")
     return value
@@ -233,7 +254,7 @@ def _parse_override(text: str) -> dict:
     parts = key.strip().split(".")
     if len(parts) != 2:
         raise ConfigError(f"--set {text!r}: expected section.key=value with one dot, e.g. train.lr=3e-4")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    value = parse_yaml(raw) if raw.strip() else ""
     return {parts[0]: {parts[1]: value}}
 
 
@@ -243,7 +264,7 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error})") from error
     if not isinstance(values, dict):
@@ -303,5 +324,5 @@ def dump_yaml(cfg: RunConfig, path: Path) -> None:
 
 __all__ = [
     "ConfigError", "DataConfig", "ModelConfig", "TrainConfig", "EvalConfig", "TrackingConfig", "RunConfig",
-    "load_config", "config_from_dict", "with_overrides", "to_dict", "flatten", "dump_yaml", "read_yaml",
+    "load_config", "config_from_dict", "with_overrides", "to_dict", "flatten", "dump_yaml", "read_yaml", "parse_yaml",
 ]

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
-from .config import RunConfig, config_from_dict
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ConfigError, RunConfig, config_from_dict
 from .data import image_tensor
 from .model import FastFlow
 from .scoring import NormalStats, needs_stats, score_with_map
@@ -24,20 +24,44 @@ class Predictions:
     is_anomalous: np.ndarray  # (N,) bool
 
 
+def fit_problem(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """Why the tensors `found` in a checkpoint do not fit the model's `expected` ones, in one line ('' if they do).
+    Backbone tensors may be absent (rebuilt from the config's weights source)."""
+    missing = [k for k in expected if k not in found and not k.startswith("backbone.")]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [k for k in found if k in expected and tuple(found[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if shapes:
+        key = shapes[0]
+        parts.append(f"{len(shapes)} tensors differ in shape, e.g. {key}: {tuple(found[key].shape)} in the file, "
+                     f"{tuple(expected[key].shape)} for the config")
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    return "; ".join(parts)
+
+
 class Predictor(torch.nn.Module):
     """FastFlow + map + score, with the threshold and score range stored at training time."""
 
-    def __init__(self, checkpoint: dict, device: str = "cpu"):
+    def __init__(self, checkpoint: dict, device: str = "cpu", label: str = "checkpoint"):
+        """`label` names the checkpoint (its file, or its run) in errors."""
         super().__init__()
-        self.cfg: RunConfig = config_from_dict(checkpoint["config"], "checkpoint config")
+        try:
+            self.cfg: RunConfig = config_from_dict(checkpoint["config"], f"{label}: config")
+        except ConfigError as error:
+            raise CheckpointError(str(error)) from None
         model_cfg = self.cfg.model
         if any(key.startswith("backbone.") for key in checkpoint["state_dict"]):
             model_cfg = replace(model_cfg, weights="none")  # the checkpoint carries the backbone
         self.model = FastFlow(model_cfg)
-        missing, unexpected = self.model.load_state_dict(checkpoint["state_dict"], strict=False)
-        missing = [key for key in missing if not key.startswith("backbone.")]  # rebuilt from its weights source
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        problem = fit_problem(self.model.state_dict(), checkpoint["state_dict"])
+        if problem:
+            raise CheckpointError(f"{label}: its weights do not fit its config (model.backbone={model_cfg.backbone}, "
+                                  f"model.flow_steps={model_cfg.flow_steps}, model.hidden_ratio={model_cfg.hidden_ratio}, "
+                                  f"model.conv3x3_only={model_cfg.conv3x3_only}): {problem}")
+        self.model.load_state_dict(checkpoint["state_dict"], strict=False)
         self.model.eval().to(device)
         self.device = torch.device(device)
         self.threshold_kind = checkpoint["threshold_kind"]
@@ -47,15 +71,16 @@ class Predictor(torch.nn.Module):
         stats = checkpoint.get("normal_stats")
         self.stats = NormalStats.from_dict(stats).to(self.device) if stats is not None else None
         if self.stats is None and needs_stats(model_cfg.map_norm, model_cfg.image_score, model_cfg.score_norm):
-            raise ValueError(f"checkpoint has no held-out normal statistics, but its config uses model.map_norm="
+            raise CheckpointError(f"{label} has no held-out normal statistics, but its config uses model.map_norm="
                              f"{model_cfg.map_norm}, model.score_norm={model_cfg.score_norm}, "
                              f"model.image_score={model_cfg.image_score}")
 
     @classmethod
-    def from_file(cls, path: Path, device: str = "cpu") -> "Predictor":
+    def from_file(cls, path: Path, device: str = "cpu", label: str = "") -> "Predictor":
+        """The checkpoint file at `path`, loaded as data; `label` names it in errors (default: the path)."""
         if not Path(path).is_file():
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        return cls(load_checkpoint(Path(path)), device)
+            raise FileNotFoundError(f"checkpoint not found: {label or path}")
+        return cls(load_checkpoint(Path(path), label), device, f"checkpoint {label or path}")
 
     def outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(B,3,S,S)` RGB in [0,1] -> (anomaly maps, the maps the score reads, both `(B,1,S,S)`, scores `(B,)`)."""

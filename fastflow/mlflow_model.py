@@ -1,25 +1,18 @@
-"""The MLflow pyfunc flavour of a trained FastFlow model (`mlflow.pyfunc.load_model` returns it)."""
+"""The MLflow pyfunc flavour of a trained FastFlow model, logged as a *model from code*.
+
+MLflow stores this file with the model (not a pickle of an object): `mlflow.pyfunc.load_model` runs it, takes
+the model from `mlflow.models.set_model`, and `load_context` reads the checkpoint as data (`weights_only`).
+Run as a file by MLflow, not imported through the package, so its imports are absolute; where the project is
+not installed the package comes with the model (`code_paths`). Never import this module: it sets MLflow's
+current model (tracking.log_pyfunc_model passes its path).
+"""
 
 from __future__ import annotations
-
-from importlib import metadata
 
 import mlflow
 import numpy as np
 
-from .inference import Predictor
-
-
-def pip_requirements() -> list[str]:
-    """Pinned to the versions this model was trained with (skips MLflow's slow inference)."""
-    names = ["torch", "torchvision", "timm", "FrEIA", "numpy", "pillow", "pyyaml", "scikit-learn", "mlflow"]
-    pinned = []
-    for name in names:
-        try:
-            pinned.append(f"{name}=={metadata.version(name)}")
-        except metadata.PackageNotFoundError:
-            pinned.append(name)
-    return pinned
+from fastflow.inference import Predictor
 
 
 class FastFlowPyfunc(mlflow.pyfunc.PythonModel):
@@ -29,7 +22,10 @@ class FastFlowPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.predictor = Predictor.from_file(context.artifacts["checkpoint"])
 
-    def predict(self, context, model_input, params=None) -> dict[str, np.ndarray]:
+    def predict(self, context, model_input: np.ndarray, params=None) -> dict[str, np.ndarray]:  # ndarray: no MLflow type-hint notice
         result = self.predictor.predict_array(np.asarray(model_input))
         return {"scores": result.scores, "normalized_scores": result.normalized,
                 "is_anomalous": result.is_anomalous, "anomaly_maps": result.maps}
+
+
+mlflow.models.set_model(FastFlowPyfunc())

@@ -16,7 +16,7 @@ from typing import Optional
 
 import yaml
 
-from .config import RunConfig, load_config, read_yaml
+from .config import RunConfig, load_config, parse_yaml, read_yaml
 from .paper import MVTEC_CATEGORIES
 from .report import ReportResult, write_report
 from .synthetic import SYNTHETIC_CATEGORY
@@ -120,7 +120,7 @@ def fixed_overrides(overrides: tuple[str, ...]) -> dict:
         key, raw = text.split("=", 1)
         if key.strip() == "tracking.uri":
             raise ValueError("with --trials, point MLflow elsewhere through MLFLOW_TRACKING_URI, not --set tracking.uri")
-        fixed[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        fixed[key.strip()] = parse_yaml(raw) if raw.strip() else ""
     return fixed
 
 

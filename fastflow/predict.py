@@ -59,7 +59,7 @@ def load_predictor(model: str, device: str = "cpu") -> Predictor:
     if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
         from .registry import load_logged_predictor
 
-        predictor = load_logged_predictor(model if ":/" in model else f"runs:/{model}/model")
+        predictor = load_logged_predictor(model)  # the run's checkpoint, read as data
         predictor.device = torch.device(device)
         return predictor.to(device)
     path = Path(model)

@@ -1,4 +1,5 @@
-"""What can be checked about a configuration before torch/timm are imported: backbone strides, devices.
+"""What can be checked about a configuration before torch/timm are imported: backbone strides, device names, a
+GPU driver's presence.
 
 Pure rules, no imports of heavy libraries: a wrong value fails in milliseconds with the key named,
 instead of half a minute later inside a LayerNorm or torch's device parser.
@@ -7,6 +8,7 @@ instead of half a minute later inside a LayerNorm or torch's device parser.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Optional
 
 # timm CNN families whose `features_only` stage i has reduction 2**(i+1) (stem stride 2, then one /2 per stage).
@@ -44,4 +46,16 @@ def device_problem(device: str) -> Optional[str]:
     return None if DEVICE.match(device) else "auto, cpu, cuda, cuda:N or mps"
 
 
-__all__ = ["max_stride", "input_size_problem", "device_problem"]
+_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
+
+
+def missing_gpu(device: str) -> Optional[str]:
+    """Why `device` (cuda, cuda:N) cannot exist on this machine, judged in milliseconds from its device files
+    (no GPU driver at all), or None. torch has the last word (`train.resolve_device`)."""
+    if not device.startswith("cuda") or any(Path(path).exists() for path in _GPU_DEVICE_FILES):
+        return None
+    return (f"train.device={device!r} but this machine has no GPU driver ({', '.join(_GPU_DEVICE_FILES[:2])} "
+            "absent); use auto or cpu")
+
+
+__all__ = ["max_stride", "input_size_problem", "device_problem", "missing_gpu"]

@@ -13,7 +13,7 @@ from typing import Any
 MASK = "***"
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<user>[^:/@\s?#]*):(?P<secret>[^@\s/?#]+)@")
 _QUERY = re.compile(r"(?P<key>[?&;](?:[A-Za-z0-9_.\-]*(?:password|passwd|pwd|secret|token|api[_\-]?key|"
-                    r"access[_\-]?key|auth|credential|signature|sig)[A-Za-z0-9_.\-]*)=)(?P<value>[^&;#\s'\"]+)",
+                    r"access[_\-]?key|auth|credential|signature|sig)[A-Za-z0-9_.\-]*)=)(?P<value>(?!\*\*\*)[^&;#\s'\"]+)",
                     re.IGNORECASE)
 
 

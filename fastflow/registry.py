@@ -14,8 +14,9 @@ Safe to run again and from several machines at once, using only the registry's o
 from __future__ import annotations
 
 import logging
-import re
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import mlflow
@@ -25,7 +26,8 @@ from mlflow.tracking import MlflowClient
 
 from .model_card import registered_model_description, version_description
 from .protocol import Protocol, protocol_for_metric, ranking_key
-from .tracking import connect, ensure_experiment, quoted, tracking_uri
+from .redact import redact
+from .tracking import CHECKPOINT_ARTIFACT, connect, download_checkpoint, ensure_experiment, quoted, tracking_uri
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
@@ -203,8 +205,9 @@ def registered_model_names() -> list[str]:
     return sorted(model.name for model in connect().search_registered_models())
 
 
-def _check_model_uri(uri: str) -> None:
-    """Fail early, naming what exists, when a `models:/` URI names an unknown model, alias or version."""
+def registered_version(uri: str) -> ModelVersion:
+    """The version a `models:/<name>@<alias>`, `models:/<name>/<version>` or `models:/<name>/latest` URI names;
+    an unknown model, alias or version is a ValueError naming what exists."""
     client = connect()
     spec = uri.removeprefix("models:/").strip("/")
     name, alias, version = spec, None, None
@@ -217,36 +220,39 @@ def _check_model_uri(uri: str) -> None:
     except MlflowException:
         raise ValueError(f"unknown registered model '{name}' ({uri}); registered models: "
                          f"{', '.join(registered_model_names()) or 'none'} "
-                         f"(tracking store {mlflow.get_tracking_uri()})") from None
-    if alias is not None and alias not in (model.aliases or {}):
-        raise ValueError(f"model '{name}' has no alias '{alias}'; aliases: "
-                         f"{', '.join(sorted(model.aliases or {})) or 'none'}")
-    if version is not None and version.isdigit():
-        versions = sorted(int(v.version) for v in model_versions(client, name))
-        if int(version) not in versions:
-            raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(map(str, versions))}")
+                         f"(tracking store {redact(mlflow.get_tracking_uri())})") from None
+    if alias is not None:
+        if alias not in (model.aliases or {}):
+            raise ValueError(f"model '{name}' has no alias '{alias}'; aliases: "
+                             f"{', '.join(sorted(model.aliases or {})) or 'none'}")
+        return client.get_model_version_by_alias(name, alias)
+    versions = {str(v.version): v for v in model_versions(client, name)}
+    if version in (None, "latest") and versions:
+        return versions[max(versions, key=int)]
+    if version not in versions:
+        raise ValueError(f"model '{name}' has no version {version}; versions: {', '.join(sorted(versions, key=int))}")
+    return versions[version]
 
 
-def _resolve_run_model_uri(uri: str) -> str:
-    """`runs:/<run id>/model` -> the run's `model_uri` tag (logged models are named after their run, not `model`)."""
-    match = re.fullmatch(r"runs:/([0-9a-f]{32})/model/?", uri)
-    if match is None:
-        return uri
+def model_run_id(model: str) -> str:
+    """The run behind `models:/...`, `runs:/<run id>/...` or a run id: only the registry's and the tracking
+    store's records are read, nothing of the logged model."""
+    if model.startswith("models:/"):
+        return registered_version(model).run_id
+    run_id = model.removeprefix("runs:/").split("/")[0]
     try:
-        return connect().get_run(match.group(1)).data.tags.get("model_uri", uri)
+        connect().get_run(run_id)
     except MlflowException:
-        return uri
+        raise ValueError(f"no run {run_id} in the tracking store {redact(mlflow.get_tracking_uri())}") from None
+    return run_id
 
 
 def load_logged_predictor(uri: str):
-    """`models:/<name>@<alias>`, `models:/<name>/<version>` or `runs:/<run id>/model` -> its `inference.Predictor`."""
-    connect()
-    if uri.startswith("models:/"):
-        _check_model_uri(uri)
-    uri = _resolve_run_model_uri(uri)
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # pip-version notices on every load
-    try:
-        model = mlflow.pyfunc.load_model(uri)
-    except MlflowException as error:
-        raise ValueError(f"cannot load model {uri}: {error.message}") from None
-    return model.unwrap_python_model().predictor
+    """A registered or logged model -> its `inference.Predictor`, from the run's checkpoint read as data
+    (`weights_only`); never through `mlflow.pyfunc.load_model`, which would run the model's stored code."""
+    from .inference import Predictor
+
+    run_id = model_run_id(uri)
+    with tempfile.TemporaryDirectory() as folder:
+        path = download_checkpoint(run_id, Path(folder))
+        return Predictor.from_file(path, label=f"{uri} (run {run_id}, artifact {CHECKPOINT_ARTIFACT})")

@@ -11,6 +11,7 @@ non-zero naming the trial; the parent run ends only when the study has no runnin
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -39,8 +40,8 @@ from .signals import check as check_signals, install as install_signal_policy, i
 from .space import SearchSpace, choose_space, load_space, nested
 from .study_page import figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
-                       finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, start_parent_run,
-                       start_run, tracking_uri, trial_runs)
+                       finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, set_owner,
+                       start_parent_run, start_run, tracking_uri, trial_runs)
 from .train import train_and_evaluate
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ PARENT_ATTR = "mlflow_parent_run_id"
 EXPERIMENT_ATTR = "mlflow_experiment"
 OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
 RETRY_ATTR = "retry_of"
+ENDED_ATTR = "objective_ended"  # set by the worker when its objective returns or raises: absent if it died inside
 OBJECTIVE_ATTR = "objective"
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
@@ -84,16 +86,23 @@ class SweepSettings:
         return self.study_name or f"fastflow-{self.category}-{Path(self.space_path).stem}"
 
     def storage_url(self) -> str:
-        if self.storage:
-            return self.storage
-        if os.environ.get("OPTUNA_STORAGE"):
-            return os.environ["OPTUNA_STORAGE"]
-        Path("mlruns").mkdir(exist_ok=True)
-        return f"sqlite:///{Path('mlruns').resolve() / 'optuna.db'}"
+        return self.storage or default_storage()
+
+
+def default_storage() -> str:
+    """$OPTUNA_STORAGE, else `sqlite:///mlruns/optuna.db`."""
+    if os.environ.get("OPTUNA_STORAGE"):
+        return os.environ["OPTUNA_STORAGE"]
+    Path("mlruns").mkdir(exist_ok=True)
+    return f"sqlite:///{Path('mlruns').resolve() / 'optuna.db'}"
 
 
 class PrunedTrial(optuna.TrialPruned):
     mlflow_status = "KILLED"
+
+
+class TrialError(RuntimeError):
+    """A trial's failure as Optuna records and logs it: `<type>: <message>`, secrets masked."""
 
 
 def _retry_once(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -281,7 +290,18 @@ def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: s
             trial.set_user_attr("best_epoch", result.best_epoch)
             return result.best_metrics[f"eval/{settings.metric}"]
 
-    return objective
+    def masked(trial: optuna.Trial) -> float:
+        try:
+            return objective(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:  # Optuna logs (and may store) the text: a data root's token must not reach it
+            raise TrialError(redact(f"{type(error).__name__}: {error}")) from None
+        finally:  # a marker only: a storage that fails here reports itself at Optuna's tell
+            with contextlib.suppress(Exception):
+                trial.set_user_attr(ENDED_ATTR, True)
+
+    return masked
 
 
 def run_worker(settings: SweepSettings, parent_run_id: str, n_trials: int, worker: int = 0) -> None:
@@ -339,13 +359,13 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         raise
     finally:
         study = load_study(settings, space)
-        died = close_orphaned_trials(study, settings.metric)
+        close_orphaned_trials(study, settings.metric)
         optuna.storages.fail_stale_trials(study)
         status = "FAILED" if dead and status == "FINISHED" else status
         study_fidelity = trial_fidelity(study, settings.protocol)
         _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity)
     if dead:
-        raise WorkerDiedError(_death_message(dead, died))
+        raise WorkerDiedError(_death_message(dead, study.trials))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
                          _counts(study), fidelity=study_fidelity)
     if settings.promote and result.best_trial is not None:
@@ -362,6 +382,9 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
     if running:
         log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
                     ", ".join(f"#{t.number}" for t in running))
+        owners = [t.user_attrs[OWNER_ATTR] for t in running if OWNER_ATTR in t.user_attrs]
+        if owners:  # the parent is theirs now: closed FAILED if they die too, reopened by the next sweep
+            set_owner(parent_run_id, owners[0])
         return
     figures = study_figures(study, settings.protocol)
     try:
@@ -373,14 +396,17 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
     finish_parent_run(parent_run_id, figures, metrics, status, page)
 
 
-def _death_message(dead: list[tuple[int, str, int]], closed: list[FrozenTrial]) -> str:
+def _death_message(dead: list[tuple[int, str, int]], trials: list[FrozenTrial]) -> str:
+    """Each dead worker with the trial it died in (its objective never ended), whichever process closed it: this
+    runner, another worker or Optuna's heartbeat."""
     parts = []
     for index, identity, code in dead:
-        trials = [f"#{t.number}" for t in closed if t.user_attrs.get(OWNER_ATTR) == identity]
+        running = [f"#{t.number}" for t in trials if t.user_attrs.get(OWNER_ATTR) == identity
+                   and ENDED_ATTR not in t.user_attrs]
         how = f"killed by {signal_name(-code)}" if code < 0 else f"exit code {code}"
         parts.append(f"worker {index} (pid {identity.split(':')[1]}) died ({how}) "
-                     + (f"during trial {', '.join(trials)}: marked FAIL, its run FAILED, retry queued"
-                        if trials else "between trials"))
+                     + (f"during trial {', '.join(running)}: closed (FAIL and its run FAILED, retry queued, unless its "
+                        "run had already ended)" if running else "between trials"))
     return "; ".join(parts) + "; re-run the same command to continue the study"
 
 

@@ -17,11 +17,14 @@ import subprocess
 import tempfile
 import time
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Iterator, Optional
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "View run at <uri>" lines carry credentials
+os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")  # no pickled model is ever loaded here
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a progress bar per download on stderr
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -33,39 +36,74 @@ from mlflow.types import Schema, TensorSpec  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from .config import RunConfig, dump_yaml  # noqa: E402
+from .faults import StoreError, describe, fault_of, guard, store_error  # noqa: E402
+from .owners import OWNER_TAG, close_dead_runs, owner_tags  # noqa: E402
 from .redact import redact  # noqa: E402
 from .signals import Interrupted, received as received_signal  # noqa: E402
 from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
+from matplotlib import pyplot  # noqa: E402  (after visualize, which selects the Agg backend)
 
 log = logging.getLogger(__name__)
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its tracebacks: faults are one line (faults.py)
 
 LOCAL_STORE = Path("mlruns")
+STORE = "MLflow tracking store"  # how errors name it (faults.py)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
 BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain artifact
+CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the best checkpoint: what predict/export/the pyfunc load, as data
 TEST_SCORES = "test_scores.json"  # per-image test-set scores at the best epoch (test protocol data, for analysis)
 TEST_PIXEL_COUNTS = "test_pixel_counts.npz"  # per-image pixel counts per map-value bin at the best epoch (metrics.pixel_counts)
 MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32, (-1,)),
                  ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
 
 
-def tracking_uri(configured: str = "") -> str:
-    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local sqlite store."""
+def tracking_uri(configured: str = "", create: bool = True) -> str:
+    """`tracking.uri`, else $MLFLOW_TRACKING_URI, else the local sqlite store `mlruns/mlflow.db` (created unless
+    `create` is False: commands that only read or register raise FileNotFoundError rather than start an empty one)."""
     if configured:
         return configured
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
+    store = LOCAL_STORE.resolve() / "mlflow.db"
+    if not create and not store.is_file():
+        raise FileNotFoundError(f"no MLflow store here: {store} does not exist; run this from the project folder "
+                                "(where `fastflow train`/`make sweep` ran) or set MLFLOW_TRACKING_URI")
     LOCAL_STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{LOCAL_STORE.resolve() / 'mlflow.db'}"
+    return f"sqlite:///{store}"
 
 
-def connect(configured: str = "") -> MlflowClient:
+def connect(configured: str = "", create: bool = False, reap: bool = True) -> MlflowClient:
     """The one way to a client: resolve the URI (`tracking_uri`), make it MLflow's current one (fluent calls
     such as `mlflow.register_model` use it), then create the client on it. Never `MlflowClient()` first:
-    without a URI set it opens a stray ./mlflow.db."""
-    uri = tracking_uri(configured)
+    without a URI set it opens a stray ./mlflow.db. `reap`: first close the runs of this host's dead processes
+    (owners.close_dead_runs); checks of the stores pass False, to see them as they are."""
+    uri = tracking_uri(configured, create)
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
-    return MlflowClient(uri)
+    client = MlflowClient(uri)
+    if reap:
+        close_dead_runs(client)
+    return client
+
+
+_REACHED: set[str] = set()
+
+
+def check_reachable(uri: str, seconds: float = 10.0) -> None:
+    """First contact with a tracking server (once per process): one `StoreError` line within seconds when it does
+    not answer, instead of minutes of MLflow's retries. Later outages are retried by MLflow (a 60 s restart of the
+    server loses nothing)."""
+    if not uri.startswith(("http://", "https://")) or uri in _REACHED:
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=seconds)
+    except requests.RequestException as error:
+        raise (store_error(error, {STORE: uri})
+               or StoreError(f"{STORE} {redact(uri)}: {redact(describe(error))}")) from None
+    _REACHED.add(uri)
 
 
 def quoted(value: str) -> str:
@@ -78,14 +116,17 @@ def quoted(value: str) -> str:
 
 
 def ensure_experiment(name: str, uri: str) -> str:
-    """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table."""
+    """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table. Closes the runs of
+    this host's dead processes first (every command that writes runs passes here)."""
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
+    close_dead_runs(client)
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         location = None
-        if uri.startswith("sqlite:"):
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+        if uri.startswith("sqlite:"):  # next to the database file (the URI's query, e.g. a password, left out)
+            location = (Path(uri.removeprefix("sqlite:///").split("?")[0]).parent / "artifacts").resolve().as_uri()
         try:
             experiment_id = client.create_experiment(name, artifact_location=location)
         except mlflow.exceptions.MlflowException:  # created meanwhile by another process
@@ -144,7 +185,7 @@ class MlflowTracker:
     def log_dataset(self, name: str, digest: str, source: str, split_sizes: dict[str, int]) -> None:
         """The run's data as an MLflow dataset input (the runs table's Dataset column, the Datasets page)."""
         profile = json.dumps({"num_images": sum(split_sizes.values()), **{f"{k}_images": v for k, v in split_sizes.items()}})
-        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+        dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": redact(source)}),
                           schema=json.dumps({"layout": "MVTec AD folders: train/good, validation/good, test/<defect>, "
                                                        "ground_truth/<defect>"}), profile=profile)
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
@@ -170,7 +211,10 @@ class MlflowTracker:
             kind = result.checkpoint["threshold_kind"]
             self.set_tags({"threshold_kind": kind, "threshold": f"{result.checkpoint['thresholds'][kind]:.6g}"})
         figure = curves_figure(result.history)
-        self.client.log_figure(self.run_id, figure, "curves.png")
+        try:
+            self.client.log_figure(self.run_id, figure, "curves.png")
+        finally:
+            pyplot.close(figure)  # pyplot keeps every figure it made: one leaked per run in a long sweep
         if result.test_scores:  # per-image test scores at the best epoch: for analysis and the study's reliability
             self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
         if result.pixel_counts is not None:  # the test maps, binned per image: pixel AUROC intervals over seeds
@@ -184,9 +228,9 @@ class MlflowTracker:
             history_path.write_text(json.dumps(result.history, indent=1))
             self.client.log_artifact(self.run_id, str(history_path))
             if result.checkpoint:
-                checkpoint_path = Path(folder) / "checkpoint.pt"
+                checkpoint_path = Path(folder) / Path(CHECKPOINT_ARTIFACT).name
                 torch.save(result.checkpoint, checkpoint_path)
-                self.client.log_artifact(self.run_id, str(checkpoint_path), "checkpoint")
+                self.client.log_artifact(self.run_id, str(checkpoint_path), str(Path(CHECKPOINT_ARTIFACT).parent))
                 if cfg.tracking.log_model:
                     log_pyfunc_model(self.run_id, checkpoint_path, cfg.data.category)
 
@@ -202,20 +246,33 @@ def logged_model_name(category: str, run_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{category}-{run_name}").strip("-") or "model"
 
 
-def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
-    """Log the checkpoint as an MLflow pyfunc model named after the run, with the `fastflow` package's code
-    (`code_paths`), so it loads where the project is not installed; its URI goes into the tag `model_uri`."""
-    from . import __file__ as package_init
-    from .mlflow_model import FastFlowPyfunc, pip_requirements
+PYFUNC_CODE = Path(__file__).with_name("mlflow_model.py")  # the pyfunc model, logged as code (never a pickle)
 
+
+def pip_requirements() -> list[str]:
+    """Pinned to the versions this model was trained with (skips MLflow's slow inference)."""
+    names = ["torch", "torchvision", "timm", "FrEIA", "numpy", "pillow", "pyyaml", "scikit-learn", "mlflow"]
+    pinned = []
+    for name in names:
+        try:
+            pinned.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            pinned.append(name)
+    return pinned
+
+
+def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
+    """Log the checkpoint as an MLflow pyfunc *model from code* (`fastflow/mlflow_model.py`, not a pickle) named
+    after the run, with the `fastflow` package's code (`code_paths`), so it loads where the project is not
+    installed; its URI goes into the tag `model_uri`."""
     client = MlflowClient()
     name = logged_model_name(category, client.get_run(run_id).info.run_name or run_id)
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # the CloudPickle notice on every trial
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)  # its environment notices on every trial
     with warnings.catch_warnings(), mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         warnings.simplefilter("ignore", UserWarning)  # type-hint and input-example notices; the signature is set
-        info = mlflow.pyfunc.log_model(name=name, python_model=FastFlowPyfunc(),
+        info = mlflow.pyfunc.log_model(name=name, python_model=str(PYFUNC_CODE),
                                        artifacts={"checkpoint": str(checkpoint_path)},
-                                       code_paths=[str(Path(package_init).parent)],
+                                       code_paths=[str(PYFUNC_CODE.parent)],
                                        signature=model_signature(), pip_requirements=pip_requirements())
     client.set_tag(run_id, "model_uri", info.model_uri)
     client.set_tag(run_id, "model_name", name)
@@ -224,32 +281,58 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
 @contextlib.contextmanager
 def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] = None,
               tags: Optional[dict] = None) -> Iterator[MlflowTracker]:
-    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C)."""
+    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C). A fault of the store
+    (disk full, read-only, server unreachable) is one `StoreError` line naming it; a run the fault leaves RUNNING
+    is closed by the next command on this host (owners)."""
     uri = tracking_uri(cfg.tracking.uri)
-    experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
-    client = MlflowClient()
-    # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
-    all_tags = {"git_commit": git_commit(), **{key: redact(str(value)) for key, value in (tags or {}).items()}}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = client.create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None, tags=all_tags)
-    tracker = MlflowTracker(run.info.run_id)
+    with store_guard(uri):
+        experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
+        # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
+        all_tags = {"git_commit": git_commit(), **owner_tags(),
+                    **{key: redact(str(value)) for key, value in (tags or {}).items()}}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run_id = MlflowClient().create_run(experiment_id, run_name=run_name or cfg.tracking.run_name or None,
+                                           tags=all_tags).info.run_id
     try:
-        yield tracker
+        yield MlflowTracker(run_id)
     except KeyboardInterrupt as error:
-        end_run(run.info.run_id, "KILLED", interruption_note(error))
+        _close(run_id, "KILLED", interruption_note(error))
         raise
     except BaseException as error:
         signum = received_signal()
         if signum is not None:  # cleanup replaced the signal's exception with its own error
             interrupted = Interrupted(signum)
-            end_run(run.info.run_id, "KILLED", interruption_note(interrupted))
+            _close(run_id, "KILLED", interruption_note(interrupted))
             raise interrupted from error
-        status = getattr(error, "mlflow_status", "FAILED")
-        end_run(run.info.run_id, status, f"{type(error).__name__}: {error}")
+        fault = store_error(error, {STORE: uri})
+        if fault is not None:
+            closed = _close(run_id, "FAILED", str(fault))
+            raise StoreError(f"{fault}" + ("" if closed else f"; run {run_id} stays RUNNING until the next command "
+                                                             "on this host closes it")) from None
+        _close(run_id, getattr(error, "mlflow_status", "FAILED"), f"{type(error).__name__}: {error}")
         raise
     else:
-        end_run(run.info.run_id, "FINISHED")
+        with store_guard(uri):
+            end_run(run_id, "FINISHED")
+
+
+def store_guard(uri: str = ""):
+    """Faults of the tracking store at `uri` (default: the current one) inside become one `StoreError` line."""
+    return guard({STORE: uri or mlflow.get_tracking_uri()})
+
+
+def _close(run_id: str, status: str, note: str) -> bool:
+    """`end_run`, unless the store fails too (a full disk, the server gone): then False, and the next command on
+    this host closes the run (its owner is gone by then)."""
+    try:
+        end_run(run_id, status, note)
+        return True
+    except Exception as error:
+        if not fault_of(error):
+            raise
+        log.debug("could not end run %s: %s", run_id, describe(error))
+        return False
 
 
 def interruption_note(error: KeyboardInterrupt) -> str:
@@ -262,6 +345,11 @@ def end_run(run_id: str, status: str, error: str = "") -> None:
     if error:
         client.set_tag(run_id, "error", redact(error)[:5000])
     client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+
+def set_owner(run_id: str, owner: str) -> None:
+    """Hand a run to another process (`host:pid:start`): a study's parent run left RUNNING for a running trial."""
+    MlflowClient().set_tag(run_id, OWNER_TAG, owner)
 
 
 def run_status(run_id: str) -> str:
@@ -285,7 +373,7 @@ def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optio
     else:
         run_id = client.create_run(experiment_id, run_name=study_name,
                                    tags={"role": "study", "study": study_name, "git_commit": git_commit()}).info.run_id
-    for key, value in tags.items():
+    for key, value in {**tags, **owner_tags()}.items():  # reopened: this process owns it now
         client.set_tag(run_id, key, redact(str(value)))
     return run_id
 
@@ -297,7 +385,10 @@ def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], sta
     """Attach the study's figures, its HTML page (`study.html`) and best metrics, then end the parent run."""
     client = MlflowClient()
     for name, figure in figures.items():
-        client.log_figure(run_id, figure, f"study/{name}")
+        try:
+            client.log_figure(run_id, figure, f"study/{name}")
+        finally:
+            pyplot.close(figure)
     if page:
         client.log_text(run_id, page, STUDY_PAGE)
     if metrics:
@@ -365,6 +456,15 @@ def read_pixel_counts(run_id: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
         return arrays["normal"], arrays["defect"]
 
 
+def download_checkpoint(run_id: str, folder: Path) -> Path:
+    """The run's `CHECKPOINT_ARTIFACT` downloaded into `folder`; ValueError naming the run when it has none."""
+    try:
+        return Path(MlflowClient().download_artifacts(run_id, CHECKPOINT_ARTIFACT, str(folder)))
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise ValueError(f"run {run_id} has no readable {CHECKPOINT_ARTIFACT} artifact ({redact(describe(error))}); "
+                         "only runs of `fastflow train`/`sweep` carry one") from None
+
+
 def read_artifact(run_id: str, path: str) -> Optional[bytes]:
     """The bytes of a run's artifact, or None when it does not exist."""
     try:
@@ -388,13 +488,12 @@ def finished_runs(experiment: str, filter_string: str = "", uri: str = "") -> li
 
     An unknown experiment raises ValueError naming the experiments that exist.
     """
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    client = MlflowClient()
+    client = connect(uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"unknown experiment '{experiment}'; experiments: {', '.join(names) or 'none'} "
-                         f"(tracking store {mlflow.get_tracking_uri()})")
+                         f"(tracking store {redact(mlflow.get_tracking_uri())})")
     query = " and ".join(q for q in ("attributes.status = 'FINISHED'", filter_string) if q)
     runs, token = [], None
     while True:
@@ -410,7 +509,7 @@ def log_report_run(experiment: str, files: list[Path], metrics: dict[str, float]
     experiment_id = ensure_experiment(experiment, tracking_uri(uri))
     client = MlflowClient()
     run_id = client.create_run(experiment_id, run_name="report",
-                               tags={"role": "report", "git_commit": git_commit()}).info.run_id
+                               tags={"role": "report", "git_commit": git_commit(), **owner_tags()}).info.run_id
     for path in files:
         client.log_artifact(run_id, str(path), "report")
     MlflowTracker(run_id).log_metrics(metrics, step=0)

@@ -39,6 +39,9 @@ from .selection import Fidelity, fidelity, split_half_reliability
 log = logging.getLogger(__name__)
 
 
+FEW_TRAIN_IMAGES = 10  # fewer training images than this: warn
+
+
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite (diverging learning rate, bad data)."""
 
@@ -224,6 +227,10 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
+    if len(splits.train) < FEW_TRAIN_IMAGES:
+        log.warning("only %d training image%s (%s/%s/train/good, after holding out %d): the flow learns what normal "
+                    "looks like from them alone; MVTec AD categories have 60-400", len(splits.train),
+                    "" if len(splits.train) == 1 else "s", cfg.data.root, cfg.data.category, len(splits.validation))
     protocol, ranking = resolve_selection(cfg.eval.selection_metric, bool(splits.validation))
     _, threshold_source = resolve_threshold(cfg.eval.threshold, bool(splits.validation), cfg.eval.val_quantile)
     if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:

@@ -1,11 +1,14 @@
 """`make chaos`: kill `fastflow train` / `fastflow sweep` (1 and 2 workers) / racing `fastflow promote` with
 SIGINT, SIGTERM or SIGKILL at a random point, re-run once, and check the invariants of fastflow.invariants
-through the MLflow and Optuna APIs. Everything lives in a temp folder; the stores' URIs carry a password
-(`?password=...`) that must never appear in a param, tag, artifact or log.
+through the MLflow and Optuna APIs. Two store faults besides: a tracking-server outage (`mlflow server` stopped
+for 60 s after a training's first epoch, then started again) and a full disk (the store on a tmpfs with a random
+few MB free, then grown and the training run again). Everything lives in a temp folder; the stores' URIs carry a
+password that must never appear in the stores (any table), an artifact or a log.
 
     python scripts/chaos.py [--minutes 15] [--seed 0] [--keep]
 
-Prints one line per kill and a table of kills tried per kind and violations found; exit 1 on any violation.
+Prints one line per kill or fault and a table of those tried per kind and violations found; exit 1 on any
+violation. Every kind is tried at least once, however short `--minutes`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -24,9 +28,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from fault_env import MlflowServer, run_on_small_disk, small_disk_available  # noqa: E402
+
 SECRET = "chaos-s3cret"
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 TARGETS = ("train", "sweep-1-worker", "sweep-2-workers", "promote-race")
+FAULTS = ("server-outage", "disk-full")  # store faults, injected into a training
+OUTAGE_SECONDS = 60
 SPACE = """
 category: synthetic
 trials: 2
@@ -60,15 +69,20 @@ class Chaos:
                     "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                     "PYTHONPATH": str(REPO)}
         self.count = 0
+        self.server: MlflowServer | None = None
+        self.disk_rounds = 0
+
+    def train_command(self, uri: str, epochs: int = 3) -> list[str]:
+        sets = [f"data.root={self.data}", f"train.cache_dir={self.folder / 'cache'}", "model.input_size=64",
+                f"train.epochs={epochs}", "train.max_train_images=16", "eval.heatmap_images=2", "train.num_threads=1",
+                f"tracking.uri={uri}"]
+        return [sys.executable, "-m", "fastflow.cli", "train", "--config", str(REPO / "experiments" / "demo.yaml")] + \
+            [item for s in sets for item in ("--set", s)]
 
     def command(self, target: str) -> list[str]:
         cli = [sys.executable, "-m", "fastflow.cli"]
         if target == "train":
-            sets = [f"data.root={self.data}", f"train.cache_dir={self.folder / 'cache'}", "model.input_size=64",
-                    "train.epochs=3", "train.max_train_images=16", "eval.heatmap_images=2", "train.num_threads=1",
-                    f"tracking.uri=sqlite:///{self.folder / 'mlflow.db'}?password={SECRET}"]
-            return cli + ["train", "--config", str(REPO / "experiments" / "demo.yaml")] + \
-                [item for s in sets for item in ("--set", s)]
+            return self.train_command(f"sqlite:///{self.folder / 'mlflow.db'}?password={SECRET}")
         workers = 2 if target == "sweep-2-workers" else 1
         return cli + ["sweep", "--space", str(self.space), "--category", "synthetic", "--root", str(self.data),
                       "--trials", str(workers), "--workers", str(workers), "--study", "chaos"]
@@ -124,7 +138,7 @@ class Chaos:
         from fastflow.tracking import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = self.env["MLFLOW_TRACKING_URI"]
-        client = connect()
+        client = connect(reap=False)
         experiment = client.get_experiment_by_name("fastflow")
         runs = [r.info.run_id for r in client.search_runs(
             [experiment.experiment_id], "attributes.status = 'FINISHED' and tags.category = 'synthetic'")
@@ -152,10 +166,109 @@ class Chaos:
         from fastflow.tracking import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = self.env["MLFLOW_TRACKING_URI"]
-        connect()
-        return check_all(self.env["OPTUNA_STORAGE"], [SECRET], [self.folder / "artifacts", self.logs])
+        connect(reap=False)
+        return check_all(self.env["OPTUNA_STORAGE"], [SECRET], [self.folder / "artifacts", self.logs],
+                         [self.folder / "mlflow.db", self.folder / "optuna.db"])
+
+    @staticmethod
+    def check_store(database: Path, folders: list[Path]) -> list[str]:
+        """The invariants of an MLflow store of its own (no Optuna), read from its sqlite file."""
+        from fastflow.invariants import check_all
+        from fastflow.tracking import connect
+
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{database}"
+        connect(reap=False)
+        return check_all(None, [SECRET], folders, [database])
+
+    @staticmethod
+    def one_line_problems(code: int, text: str, fault: str) -> list[str]:
+        """A failed command must say so in one `error:` line naming the fault, without a traceback."""
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        if code == 0:
+            return []
+        if len(errors) != 1 or "Traceback" in text or fault not in errors[0]:
+            return [f"exit {code} without one '{fault}' error line ({len(errors)} error lines, "
+                    f"{text.count('Traceback')} tracebacks)"]
+        return []
+
+    @staticmethod
+    def epochs_problems(client, run, epochs: int | None) -> list[str]:
+        """Every epoch logged (a finished run), or what was logged in order from epoch 1 (a failed one)."""
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+        expected = list(range(1, (epochs or len(steps)) + 1))
+        return [] if steps == expected else [f"run {run.info.run_id} ({run.info.status}) logged train/loss at "
+                                             f"steps {steps}, expected {expected}"]
+
+    def server_outage(self) -> tuple[str, list[str]]:
+        """`fastflow train` against `mlflow server`; the server stops after the first logged epoch and starts again
+        OUTAGE_SECONDS later. Held: exit 0 with every epoch on the server, or one error line and no RUNNING run."""
+        from mlflow.tracking import MlflowClient
+
+        if self.server is None:
+            self.server = MlflowServer(self.folder / "server")
+            self.server.start()
+        epochs = 4
+        process = self.start(self.train_command(f"http://chaos:{SECRET}@127.0.0.1:{self.server.port}", epochs),
+                             "server-outage")
+        client = MlflowClient(self.server.uri)
+        run, deadline = None, time.time() + 600
+        while run is None and time.time() < deadline and process.poll() is None:
+            time.sleep(1)
+            found = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+                     if r.info.status == "RUNNING" and "train/loss" in r.data.metrics]
+            run = found[0] if found else None
+        if run is None:
+            return f"no epoch logged (exit {process.poll()})", ["training never logged an epoch"]
+        self.server.stop()
+        time.sleep(OUTAGE_SECONDS)
+        self.server.start()
+        code = self.wait_group(process)
+        text = (self.logs / f"{self.count:03d}-server-outage.log").read_text()
+        problems = self.one_line_problems(code, text, "MLflow tracking store")
+        if code != 0:  # the next command on this host closes a run the failure left RUNNING
+            self.wait_group(self.start(self.train_command(self.server.uri, 1), "server-outage-rerun"))
+        run = client.get_run(run.info.run_id)
+        if code == 0 and run.info.status != "FINISHED":
+            problems.append(f"train exited 0 but its run is {run.info.status}")
+        problems += self.epochs_problems(client, run, epochs if code == 0 else None)
+        problems += self.check_store(self.server.folder / "server.db", [self.server.folder / "artifacts", self.logs])
+        return f"server stopped {OUTAGE_SECONDS} s + restart after epoch 1, exit {code}, run {run.info.status}", problems
+
+    def disk_full(self) -> tuple[str, list[str]]:
+        """`fastflow train` with its store on a tmpfs with 0.3-6 MB free, then the disk grows and the same training
+        runs again. Held: one error line naming the fault, nothing logged before lost, no RUNNING run after."""
+        from mlflow.tracking import MlflowClient
+
+        self.disk_rounds += 1
+        store, after = self.folder / f"full-{self.disk_rounds}", self.folder / f"full-{self.disk_rounds}-after"
+        store.mkdir()
+        MlflowClient(f"sqlite:///{store / 'mlflow.db'}").search_experiments()  # the schema: 0.9 MB
+        free_kb = self.random.randint(300, 6000)
+        uri = f"sqlite:///{store / 'mlflow.db'}?password={SECRET}"
+        first, second = (self.logs / f"{self.count + k:03d}-disk-full{k}.log" for k in (1, 2))
+        self.count += 2
+        script = (f"{shlex.join(self.train_command(uri))} > {first} 2>&1; echo $? > {first}.code\n"
+                  f'mount -o remount,size=500m "$STORE"\n'
+                  f"{shlex.join(self.train_command(uri))} > {second} 2>&1; echo $? > {second}.code\n")
+        size = free_kb + sum(p.stat().st_size for p in store.rglob("*") if p.is_file()) // 1024
+        run_on_small_disk(store, size, script, after, env={**self.env, "TQDM_DISABLE": "1"}, timeout=1200)
+        code, rerun = (int(Path(f"{log}.code").read_text()) for log in (first, second))
+        problems = self.one_line_problems(code, first.read_text(), "disk full")
+        if rerun != 0:
+            problems.append(f"the re-run with space again exited {rerun}")
+        client = MlflowClient(f"sqlite:///{after / 'mlflow.db'}")
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], order_by=["start_time ASC"])
+        if runs:
+            problems += self.epochs_problems(client, runs[0], 3 if code == 0 else None)
+        problems += self.check_store(after / "mlflow.db", [after / "artifacts", self.logs])
+        status = runs[0].info.status if runs else "none"
+        return f"{free_kb} KB free, exit {code} (first run {status}), re-run exit {rerun}", problems
 
     def round(self, target: str, name: str) -> tuple[str, list[str]]:
+        if target == "server-outage":
+            return self.server_outage()
+        if target == "disk-full":
+            return self.disk_full()
         if target == "promote-race":
             where = self.promote_race(name)
         else:
@@ -168,43 +281,55 @@ class Chaos:
         return where, self.check()
 
 
+def all_kinds() -> list[tuple[str, str]]:
+    """(target, signal) for every kill, (fault, '-') for every store fault (disk full only where a tmpfs mounts)."""
+    faults = [fault for fault in FAULTS if fault != "disk-full" or small_disk_available()]
+    return [(target, name) for target in TARGETS for name in SIGNALS] + [(fault, "-") for fault in faults]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=15.0, help="stop starting new kills after this long")
+    parser.add_argument("--minutes", type=float, default=15.0,
+                        help="start no new round after this long (every kind is tried once anyway)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (stores, logs)")
     parser.add_argument("--only", nargs="*", default=[], metavar="TARGET:SIGNAL",
-                        help="kinds to try, e.g. sweep-1-worker:SIGTERM (default: all, in random order)")
+                        help="kinds to try, e.g. sweep-1-worker:SIGTERM or disk-full:- (default: all, in random order)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="fastflow-chaos-"))
     from fastflow.synthetic import SyntheticSpec, ensure_category
 
     chaos = Chaos(folder, args.seed)
     ensure_category(chaos.data, SyntheticSpec(seed=0))
-    kinds = [(target, name) for target in TARGETS for name in SIGNALS]
+    known = all_kinds()
+    kinds = list(known)
     chaos.random.shuffle(kinds)
     if args.only:
         kinds = [tuple(kind.split(":")) for kind in args.only]
-        unknown = [k for k in kinds if k[0] not in TARGETS or k[1] not in SIGNALS]
+        unknown = [k for k in kinds if k not in known]
         if unknown:
-            parser.error(f"unknown kinds {unknown}; targets {TARGETS}, signals {tuple(SIGNALS)}")
+            parser.error(f"unknown kinds {unknown}; known: {', '.join(':'.join(k) for k in known)}")
     tried, violations, all_problems = Counter(), Counter(), []
     deadline = time.time() + 60 * args.minutes
     i = 0
-    while time.time() < deadline:
-        target, name = kinds[i % len(kinds)]
-        i += 1
-        started = time.time()
-        where, problems = chaos.round(target, name)
-        tried[(target, name)] += 1
-        violations[(target, name)] += len(problems)
-        all_problems += [f"{target} {name}: {p}" for p in problems]
-        print(f"[{i:3d}] {name:<7} {target:<16} ({where}) {time.time() - started:5.0f} s, violations {len(problems)}"
-              + "".join(f"\n      {p}" for p in problems), flush=True)
-    print(f"\n{'kind':<26} {'kills':>5} {'violations':>10}")
-    for target in TARGETS:
-        for name in SIGNALS:
-            print(f"{target + ' ' + name:<26} {tried[(target, name)]:>5} {violations[(target, name)]:>10}")
+    try:
+        while time.time() < deadline or i < len(kinds):
+            target, name = kinds[i % len(kinds)]
+            i += 1
+            started = time.time()
+            where, problems = chaos.round(target, name)
+            tried[(target, name)] += 1
+            violations[(target, name)] += len(problems)
+            all_problems += [f"{target} {name}: {p}" for p in problems]
+            print(f"[{i:3d}] {name:<7} {target:<16} ({where}) {time.time() - started:5.0f} s, violations "
+                  f"{len(problems)}" + "".join(f"\n      {p}" for p in problems), flush=True)
+    finally:
+        if chaos.server is not None:
+            chaos.server.stop()
+    print(f"\n{'kind':<26} {'tried':>5} {'violations':>10}")
+    for target, name in known:
+        label = target if name == "-" else f"{target} {name}"
+        print(f"{label:<26} {tried[(target, name)]:>5} {violations[(target, name)]:>10}")
     print(f"{'total':<26} {sum(tried.values()):>5} {sum(violations.values()):>10}")
     if args.keep:
         print(f"stores and logs kept in {folder}")

@@ -30,6 +30,7 @@ from fastflow.synthetic import SyntheticSpec, ensure_category  # noqa: E402
 torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # fault_env: a stoppable tracking server, a small or read-only disk
 DEMO_YAML = REPO / "experiments" / "demo.yaml"
 TIRE_ROOT = REPO.parent / "shared" / "data" / "mvtec3d_tire"
 

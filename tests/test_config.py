@@ -189,3 +189,36 @@ def test_flatten_and_round_trip(tmp_path: Path) -> None:
     dump_yaml(cfg, path)
     assert load_config(path) == cfg
     assert config_from_dict(to_dict(cfg)) == cfg
+
+
+def _enum_values() -> list[tuple[str, str]]:
+    """(section.key, value) for every allowed value of every enum (Literal) key of the config."""
+    import typing
+
+    pairs = []
+    for section, section_type in typing.get_type_hints(RunConfig).items():
+        for name, hint in typing.get_type_hints(section_type).items():
+            if typing.get_origin(hint) is typing.Literal:
+                pairs += [(f"{section}.{name}", value) for value in typing.get_args(hint)]
+    return pairs
+
+
+ENUM_VALUES = _enum_values()
+
+
+@pytest.mark.parametrize("key, value", ENUM_VALUES, ids=[f"{k}={v}" for k, v in ENUM_VALUES])
+def test_every_documented_enum_value_is_accepted(tmp_path: Path, key: str, value: str) -> None:
+    """Failed before the fix for `off` (train.amp, train.feature_cache): YAML 1.1 read it as False."""
+    extra = ["train.ema_halflife=1"] if key == "eval.weights" else []
+    section, name = key.split(".")
+    from_set = load_config(None, [f"{key}={value}", *extra])
+    path = tmp_path / "preset.yaml"
+    path.write_text(f"{section}:\n  {name}: {value}\n" + ("train:\n  ema_halflife: 1\n" if extra else ""))
+    from_file = load_config(path)
+    assert getattr(getattr(from_set, section), name) == value == getattr(getattr(from_file, section), name)
+
+
+def test_yes_no_on_off_still_set_booleans_and_strings_stay_strings() -> None:
+    cfg = load_config(None, ["train.cosine=yes", "tracking.enabled=off", "data.category=no", "tracking.run_name=on"])
+    assert cfg.train.cosine is True and cfg.tracking.enabled is False
+    assert cfg.data.category == "no" and cfg.tracking.run_name == "on"

@@ -84,6 +84,39 @@ def test_sigterm_ends_a_training_run_killed(stores, synthetic_root):
     assert ended.info.status == "KILLED" and ended.data.tags["error"] == "terminated (SIGTERM)"
 
 
+def test_sigkilled_train_run_is_closed_by_the_next_command(stores, synthetic_root, capsys):
+    """Failed before the fix: a SIGKILLed `fastflow train` left its run RUNNING forever (no owner recorded).
+    The next command on this host (here `promote`) ends it FAILED with error=killed; what it logged stays."""
+    from fastflow.cli import main
+
+    tmp = stores["tmp"]
+    command = [sys.executable, "-m", "fastflow.cli", "train", "--config", str(DEMO_YAML)]
+    for item in (f"data.root={synthetic_root}", f"train.cache_dir={tmp / 'cache'}", "tracking.experiment=faults",
+                 "model.input_size=64", "train.epochs=500", "train.max_train_images=8", "eval.heatmap_images=0"):
+        command += ["--set", item]
+    train = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    client = MlflowClient()
+
+    def epoch_logged():
+        experiment = client.get_experiment_by_name("faults") if (tmp / "mlflow.db").exists() else None
+        runs = client.search_runs([experiment.experiment_id]) if experiment else []
+        return runs[0] if runs and "train/loss" in runs[0].data.metrics else None
+
+    run = _wait(epoch_logged, what="a logged epoch")
+    train.send_signal(signal.SIGKILL)
+    train.wait(timeout=60)
+    logged = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nothing could close it
+    assert main(["promote", "--category", "synthetic", "--objective", "test"]) == 2  # no finished run to promote
+    capsys.readouterr()
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == "FAILED" and closed.data.tags["error"] == "killed"
+    assert closed.data.tags["owner"].split(":")[1] == str(train.pid)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][:len(logged)] == logged
+    assert check_runs_and_trials(None) == []
+
+
 def test_sigkilled_sweep_is_closed_at_once_by_the_next_run(stores, synthetic_root):
     """SIGKILL leaves no chance to clean up; re-running within the heartbeat grace (30 s) closes the dead
     worker's trial and run at once, and the parent run ends FINISHED with nothing RUNNING."""
@@ -104,8 +137,10 @@ def test_sigkilled_sweep_is_closed_at_once_by_the_next_run(stores, synthetic_roo
 
 @pytest.mark.slow  # two spawned workers (~35 s idle); `make chaos` kills workers many more times
 def test_dead_worker_fails_the_sweep_naming_its_trial(stores, synthetic_root):
+    """Two trials per worker: the surviving worker outlives the victim and closes its trial first (its own clean-up
+    closes trials of dead workers). Failed before the fix: the sweep then said the victim died 'between trials'."""
     tmp, storage = stores["tmp"], stores["storage"]
-    sweep = subprocess.Popen(_sweep_command(write_space(tmp, epochs=4), synthetic_root, 2, 2), env=os.environ.copy(),
+    sweep = subprocess.Popen(_sweep_command(write_space(tmp, epochs=4), synthetic_root, 4, 2), env=os.environ.copy(),
                              cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     victim = _wait(lambda: _running_trials(storage), what="running trial")[0]
     os.kill(int(victim.user_attrs[OWNER_ATTR].split(":")[1]), signal.SIGKILL)

@@ -188,3 +188,93 @@ def test_registered_model_loads_where_the_project_is_not_installed(trained, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     assert "outputs ['anomaly_maps', 'is_anomalous', 'normalized_scores', 'scores'] (2, 64, 64)" in done.stdout
     assert "/code/fastflow/__init__.py" in done.stdout  # the copy packed with the model
+
+
+class _Payload:
+    """Unpickling it creates `marker`: the stand-in for `os.system` in a tampered store."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def _local_path(uri: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))
+
+
+@pytest.fixture
+def tampered_model(trained, tmp_path: Path):
+    """The champion's logged model turned into a pickled pyfunc whose `python_model.pkl` runs code when
+    unpickled (what `mlflow.pyfunc.load_model` does with it); restored afterwards. Yields the marker file."""
+    import pickle
+
+    import yaml
+
+    client = MlflowClient()
+    model_id = client.get_run(trained.run_id).data.tags["model_uri"].split("/")[-1]
+    folder = _local_path(mlflow.get_logged_model(model_id).artifact_location)
+    mlmodel = folder / "MLmodel"
+    original = mlmodel.read_text()
+    marker = tmp_path / "payload-ran"
+    spec = yaml.safe_load(original)
+    flavor = spec["flavors"]["python_function"]
+    flavor.pop("model_code_path", None)
+    flavor.update(loader_module="mlflow.pyfunc.model", python_model="python_model.pkl")
+    (folder / "python_model.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    mlmodel.write_text(yaml.safe_dump(spec))
+    try:
+        yield marker
+    finally:
+        mlmodel.write_text(original)
+        (folder / "python_model.pkl").unlink()
+
+
+def test_a_tampered_model_in_the_store_never_runs_code(trained, tampered_model, mixed_folder, tmp_path, capsys):
+    """Failed before the fix: predict/export went through mlflow.pyfunc.load_model, which unpickled the model."""
+    folder, _ = mixed_folder
+    marker = tampered_model
+    for model in ("models:/fastflow-synthetic@champion", f"runs:/{trained.run_id}/model", trained.run_id):
+        code = cli.main(["predict", "--model", model, "--input", str(folder / "nested"), "--out", str(tmp_path / "p")])
+        assert code == 0 and not marker.exists(), capsys.readouterr().err
+    code = cli.main(["export", "--model", "models:/fastflow-synthetic/1", "--format", "torchscript", "--no-check",
+                     "--out", str(tmp_path / "model.pt")])
+    assert code == 0 and not marker.exists()
+
+
+def test_a_tampered_checkpoint_in_the_store_is_refused_naming_the_run(trained, mixed_folder, tmp_path, capsys):
+    """The run's checkpoint artifact is what predict reads: as data, so a pickled payload is refused in one line."""
+    folder, _ = mixed_folder
+    path = _local_path(MlflowClient().get_run(trained.run_id).info.artifact_uri) / "checkpoint" / "checkpoint.pt"
+    original = path.read_bytes()
+    marker = tmp_path / "payload-ran"
+    import torch
+
+    torch.save({"config": _Payload(marker), "state_dict": {}}, path)
+    try:
+        code = cli.main(["predict", "--model", "models:/fastflow-synthetic@champion", "--input", str(folder / "nested"),
+                         "--out", str(tmp_path / "p")])
+    finally:
+        path.write_bytes(original)
+    error = capsys.readouterr().err
+    assert code == 2 and not marker.exists()
+    assert len(error.strip().splitlines()) == 1 and trained.run_id in error and "never as code" in error
+
+
+def test_checkpoint_whose_config_does_not_fit_its_weights_is_one_line(trained, mixed_folder, tmp_path, capsys):
+    """Failed before the fix: 103 lines of torch's `size mismatch`, and the file was never named."""
+    import torch
+
+    folder, _ = mixed_folder
+    checkpoint = torch.load(trained.checkpoint, weights_only=True)
+    checkpoint["config"]["model"]["hidden_ratio"] = 0.5
+    path = tmp_path / "mismatched.pt"
+    torch.save(checkpoint, path)
+    code = cli.main(["predict", "--model", str(path), "--input", str(folder / "nested"), "--out", str(tmp_path / "p")])
+    error = capsys.readouterr().err
+    assert code == 2 and len(error.strip().splitlines()) == 1, error
+    assert str(path) in error and "do not fit its config" in error and "model.hidden_ratio=0.5" in error
+    assert "differ in shape" in error

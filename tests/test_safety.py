@@ -9,11 +9,13 @@ import contextlib
 import io
 import os
 import pathlib
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -28,7 +30,7 @@ from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.tracking import start_run
 from fastflow.train import train_and_evaluate
 
-from conftest import DEMO_YAML, fast_config
+from conftest import DEMO_YAML, fast_config, mlflow_store
 
 TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8",
         "eval.heatmap_images=0")
@@ -87,6 +89,15 @@ def test_cli_promote_alone_uses_the_project_store_and_is_idempotent(project, mon
     assert client.get_model_version_by_alias(model_name("synthetic"), CHAMPION).version == versions[0].version
 
 
+def test_promote_from_another_folder_creates_no_store(tmp_path: Path, monkeypatch, capsys):
+    """Failed before the fix: it created an empty <cwd>/mlruns/mlflow.db and then found no run in it."""
+    _fresh_process_state(monkeypatch, tmp_path)
+    assert cli.main(["promote", "--category", "synthetic"]) == 2
+    error = capsys.readouterr().err
+    assert "no MLflow store here" in error and "MLFLOW_TRACKING_URI" in error and len(error.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_twin_registrations_are_resolved_and_champion_is_best_by_ranking(project, monkeypatch):
     """A promoter killed between registering and resolving leaves a twin version; the next promotion removes it
     and points @champion at the best version by the protocol's ranking key."""
@@ -142,6 +153,8 @@ def test_pickled_code_in_a_checkpoint_never_runs(tmp_path: Path, capsys, command
     assert not marker.exists()
     error = capsys.readouterr().err
     assert str(evil) in error and "never as code" in error and "weights_only=False" not in error
+    # torch's detail ends at its sentence's end (it was cut mid-sentence, into torch's advice to allowlist the global)
+    assert re.search(r"\(Unsupported global: GLOBAL \S+ was not an allowed global by default\.\)", error), error
 
 
 def test_corrupt_weights_file_is_one_clear_line(tmp_path: Path, capsys):
@@ -172,6 +185,42 @@ def test_tracking_uri_password_never_written_or_printed(project, tmp_path: Path)
     assert not [p for p in files if secret.encode() in p.read_bytes()]
     assert redact("postgresql://fastflow:pw1@db:5432/optuna") == "postgresql://fastflow:***@db:5432/optuna"
     assert redact("http://host/x?user=a&token=t0k&x=1") == "http://host/x?user=a&token=***&x=1"
+    masked = "store sqlite:///m.db?password=***: disk full"  # masking twice keeps what follows a masked value
+    assert redact(masked) == masked
+
+
+def test_a_token_in_the_data_root_reaches_no_table_of_the_store(tmp_path: Path, synthetic_root: Path):
+    """Failed before the fix: the datasets table (the UI's Dataset column) kept the data root's token."""
+    from fastflow.invariants import check_secrets
+
+    token = "tok3n-in-the-root"
+    root = tmp_path / f"data?token={token}"
+    root.mkdir()
+    (root / "synthetic").symlink_to(synthetic_root / "synthetic")
+    cfg = fast_config(tmp_path, *TINY, data_root=root)
+    with start_run(cfg) as tracker:
+        train_and_evaluate(cfg, tracker)
+    run = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id)
+    assert run.inputs.dataset_inputs and "token=***" in run.inputs.dataset_inputs[0].dataset.source
+    assert check_secrets([token], [tmp_path / "artifacts"], databases=[tmp_path / "mlflow.db"]) == []
+
+
+def test_a_token_in_a_trial_error_reaches_no_store_or_log(tmp_path: Path, monkeypatch, caplog):
+    """Failed before the fix: Optuna logged the failed trial's error text, data root and token included."""
+    from fastflow.invariants import check_secrets
+    from fastflow.sweep import SweepSettings, run_sweep
+
+    from test_sweep import write_space
+
+    token = "tok3n-in-an-error"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run_sweep(SweepSettings(write_space(tmp_path, epochs=1), "widget", str(tmp_path / f"missing?token={token}"),
+                            trials=1, storage=storage, promote=False))
+    trial = optuna.load_study(study_name="fastflow-widget-tiny", storage=storage).trials[0]
+    assert trial.state.name == "FAIL" and "failed" in caplog.text and "token=***" in caplog.text
+    assert token not in caplog.text
+    assert check_secrets([token], [tmp_path / "artifacts"], storage, [tmp_path / "mlflow.db", tmp_path / "optuna.db"]) == []
 
 
 # ---------------------------------------------------------------- 5. feature cache integrity

@@ -193,6 +193,46 @@ def test_logged_model_predicts(tracked_run, synthetic_root: Path) -> None:
     assert scores.max() == pytest.approx(score_range[1], abs=1e-4)
 
 
+def test_a_tracked_run_leaves_no_open_figure(tmp_path: Path, synthetic_root: Path) -> None:
+    """Failed before the fix: `curves.png`'s figure stayed open in pyplot, one per run of a long in-process sweep."""
+    import matplotlib.pyplot as plt
+
+    cfg = fast_config(tmp_path, "train.epochs=1", "train.batch_size=8", "eval.heatmap_images=2",
+                      "tracking.log_model=false", data_root=synthetic_root)
+    before = plt.get_fignums()
+    with start_run(cfg) as tracker:
+        train_and_evaluate(cfg, tracker)
+    assert plt.get_fignums() == before
+    assert "curves.png" in {a.path for a in _client(cfg).list_artifacts(tracker.run_id)}
+
+
+def test_one_training_image_is_warned_about(tmp_path: Path, caplog) -> None:
+    """Failed before the fix: a category with a single train/good image trained without a word."""
+    from conftest import write_tiny_category
+
+    folder = write_tiny_category(tmp_path / "data", n_train=1)
+    cfg = fast_config(tmp_path, "train.epochs=1", "tracking.enabled=false", "eval.heatmap_images=0",
+                      f"data.root={folder.parent}", f"data.category={folder.name}")
+    with caplog.at_level(logging.WARNING, logger="fastflow.train"):
+        train_and_evaluate(cfg)
+    assert "only 1 training image (" in caplog.text and str(folder.parent) in caplog.text
+
+
+def test_cuda_on_a_machine_without_gpu_is_refused_before_any_run(tmp_path: Path, synthetic_root: Path,
+                                                                 capsys) -> None:
+    """Failed before the fix: reported after the model was built (28 s), leaving a FAILED run behind."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    store = tmp_path / "mlruns" / "mlflow.db"
+    started = time.monotonic()
+    code = cli.main(["train", "--config", str(DEMO_YAML), "--set", "train.device=cuda", "--set",
+                     f"data.root={synthetic_root}", "--set", f"tracking.uri=sqlite:///{store}"])
+    assert code == 2 and time.monotonic() - started < 20
+    error = capsys.readouterr().err
+    assert "train.device='cuda'" in error and len(error.strip().splitlines()) == 1
+    assert not store.exists()  # no store opened, no run created
+
+
 def test_non_finite_loss_fails_the_run(tmp_path: Path, synthetic_root: Path) -> None:
     # lr 1e6: the first Adam step blows the coupling weights up; the second batch's loss is NaN (measured).
     cfg = fast_config(tmp_path, "train.lr=1000000.0", "train.batch_size=4", "train.epochs=2",
