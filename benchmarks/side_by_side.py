@@ -149,7 +149,7 @@ def main() -> None:
         cfg = load_config(Path(args.preset), [f"data.root={args.root}", f"data.category={args.category}",
                                               f"train.epochs={args.epochs}", f"train.seed={seed}", "eval.eval_every=1",
                                               "train.num_threads=1", "tracking.enabled=false", *args.set])
-        splits = make_splits(cfg.data, 0, seed)
+        splits = make_splits(cfg.data, cfg.train.max_train_images, seed)  # what train_and_evaluate trains on
         results[seed] = {"ours": our_side(cfg),
                          "anomalib": anomalib_side(cfg, splits, python, args.work / f"seed{seed}")}
         print(f"seed {seed} done", flush=True)
