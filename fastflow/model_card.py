@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
 from .protocol import RANKED_METRICS, protocol_for_metric
 
 KEY_METRICS = (*RANKED_METRICS, "epoch")
@@ -28,19 +29,30 @@ def _number(value) -> str:
         return str(value)
 
 
-def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping[str, float], metric: str) -> str:
-    """Markdown for one model version: data, protocol, threshold and the best-epoch metrics of its run.
+def _interval(metrics: Mapping[str, float], name: str) -> str:
+    low, high = (metrics.get(f"best/{key}") for key in interval_keys(name))
+    if name not in INTERVAL_METRICS:
+        return ""
+    return "no interval logged" if low is None or high is None else f"[{_number(low)}, {_number(high)}]"
 
-    `metric` is the objective the version was ranked by (e.g. `image_auroc`); `metrics` the run's `best/*`.
+
+def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping[str, float], metric: str,
+                        run_link: str = "") -> str:
+    """Markdown for one model version: its run (linked), data, protocol, threshold and the best-epoch metrics of
+    its run with their bootstrap intervals.
+
+    `metric` is the objective the version was ranked by (e.g. `image_auroc`); `metrics` the run's `best/*`;
+    `run_link` the run page's UI route (`#/experiments/<id>/runs/<id>`).
     """
     protocol = protocol_for_metric(metric)
     kind = tags.get("threshold_kind", "")
+    run = f"[{run_name}]({run_link})" if run_link else f"`{run_name}`"
     lines = [
-        f"**{tags.get('category', '?')}** model from run `{run_name}`"
+        f"**{tags.get('category', '?')}** model from run {run}"
         + (f" (study `{tags['study']}`, trial {tags['trial_number']})" if "trial_number" in tags else ""),
         "",
         f"- data: category `{tags.get('category', '?')}`, content hash `{tags.get('data_hash', '?')}`, "
-        f"root `{tags.get('data_root', '?')}`",
+        f"root `{tags.get('data_root', '?')}`; held-out normals: {tags.get('validation_source', 'none recorded')}",
         f"- backbone: `{tags.get('backbone', '?')}`",
         f"- ranked by: {protocol.label}: " + " > ".join(f"`{name}`" for name in protocol.ranking)
         + " (later ones break ties)",
@@ -48,14 +60,15 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
         f"- threshold: {tags['threshold']} ({kind}: {tags.get('threshold_source', 'source not recorded')})"
         if "threshold" in tags else "- threshold: not recorded",
         "",
-        "| metric (best epoch) | value | protocol |",
-        "|---|---|---|",
+        f"| metric (best epoch) | value | {INTERVAL_LEVEL:.0%} bootstrap interval | protocol |",
+        "|---|---|---|---|",
     ]
     for name in KEY_METRICS:
         value = metrics.get(f"best/{name}")
         if value is not None:
             where = "leak-free" if name.startswith("val_") else "-" if name == "epoch" else "test set"
-            lines.append(f"| {name} | {_number(value) if name != 'epoch' else int(value)} | {where} |")
+            lines.append(f"| {name} | {_number(value) if name != 'epoch' else int(value)} | "
+                         f"{_interval(metrics, name)} | {where} |")
     return "\n".join(lines)
 
 
