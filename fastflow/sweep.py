@@ -504,8 +504,8 @@ def study_figures(study: optuna.Study, protocol: Protocol) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                axes = plot(study, target_name=f"{protocol.metric} ({protocol.name})")
-                figures[f"{name}.png"] = tidy_study_figure(name, axes, protocol.label)
+                target = f"{protocol.metric} ({protocol.name})"
+                figures[f"{name}.png"] = tidy_study_figure(name, plot(study, target_name=target), protocol.label, target)
         except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
             log.info("skipping %s: %s", name, error)
     return figures

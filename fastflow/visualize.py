@@ -141,22 +141,25 @@ def curves_figure(history: list[dict[str, float]], best_epoch: Optional[int] = N
     return figure
 
 
-def tidy_study_figure(name: str, axes, protocol_label: str) -> plt.Figure:
+def tidy_study_figure(name: str, axes, protocol_label: str, target: str) -> plt.Figure:
     """Optuna's matplotlib study figure (`optimization_history`, `param_importances`, `parallel_coordinate`) made
-    readable: legends below the plot area, integer trial ticks, parameter names on two lines, room for every
-    label (constrained layout), and the selection protocol in a line above."""
+    readable: legends below the plot area naming the objective `target`, integer trial ticks, long parameter names
+    on two lines, room for every label, and the selection protocol in a line above."""
     figure = axes.figure
     if name == "parallel_coordinate":
         names = [label.get_text() for label in axes.get_xticklabels()]
         figure.set_size_inches(max(10.0, 2.0 * len(names) + 2.5), 5.8)
-        axes.set_xticks(axes.get_xticks(), [n.replace(".", ".\n", 1) for n in names], rotation=0,
-                        horizontalalignment="center", fontsize=9)
+        axes.set_xticks(axes.get_xticks(), [n.replace(".", ".\n", 1) if len(n) > 12 else n for n in names],
+                        rotation=0, horizontalalignment="center", fontsize=9)
     else:
         figure.set_size_inches(10, 5.2)
         if name == "optimization_history":
             axes.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         if axes.get_legend() is not None:
-            axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False, fontsize=9)
+            handles, labels = axes.get_legend_handles_labels()
+            labels = [target if name == "param_importances" else label for label in labels]
+            axes.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False,
+                        fontsize=9)
     figure.suptitle(f"selection protocol: {protocol_label}", fontsize=9, color="dimgray")
     # Optuna's parallel coordinates stack twin axes, which the constrained layout cannot solve
     figure.set_layout_engine("tight" if name == "parallel_coordinate" else "constrained")
