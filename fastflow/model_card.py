@@ -7,6 +7,7 @@ was chosen (protocol), how it decides (threshold and where that threshold comes 
 from __future__ import annotations
 
 from typing import Mapping
+from urllib.parse import quote
 
 from .metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
 from .protocol import RANKED_METRICS, protocol_for_metric
@@ -20,6 +21,16 @@ def registered_model_description(category: str) -> str:
             "is_anomalous (N,) bool, anomaly_maps (N,S,S) at the model's input size. "
             "The alias @champion is the best version by the protocol named on each version. "
             f"Load with mlflow.pyfunc.load_model('models:/fastflow-{category}@champion').")
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A run page as a link relative to MLflow's UI (works on any host and static prefix), in its ML layout."""
+    return f"#/experiments/{quote(str(experiment_id))}/runs/{quote(str(run_id))}?workflowType=machine_learning"
+
+
+def version_link(model: str, version: str) -> str:
+    """A registered model version's page, relative to MLflow's UI."""
+    return f"#/models/{quote(str(model))}/versions/{quote(str(version))}"
 
 
 def _number(value) -> str:
@@ -72,4 +83,4 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
     return "\n".join(lines)
 
 
-__all__ = ["registered_model_description", "version_description"]
+__all__ = ["registered_model_description", "version_description", "run_link", "version_link"]

@@ -23,9 +23,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .model_card import registered_model_description, version_description
+from .model_card import registered_model_description, run_link, version_description
 from .protocol import RANKED_METRICS, Protocol, protocol_for_metric, ranking_key
-from .study_note import run_link
 from .tracking import connect, ensure_experiment, quoted, tracking_uri
 
 log = logging.getLogger(__name__)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 from urllib.parse import quote
 
+from .model_card import run_link, version_link
 from .protocol import Protocol
 from .study_page import (INTERVAL_NOTE, LABELS, TrialRow, figure_columns, figure_value, interval_text, number,
                          param_text, state_text)
@@ -45,14 +46,6 @@ def code(text: str) -> str:
 
 def ranking(protocol: Protocol) -> str:
     return " > ".join(code(name) for name in protocol.ranking)
-
-
-def run_link(experiment_id: str, run_id: str) -> str:
-    return f"#/experiments/{quote(str(experiment_id))}/runs/{quote(str(run_id))}?workflowType=machine_learning"
-
-
-def version_link(model: str, version: str) -> str:
-    return f"#/models/{quote(str(model))}/versions/{quote(str(version))}"
 
 
 def artifact_image(run_id: str, path: str, alt: str) -> str:
@@ -214,5 +207,5 @@ def terminal_summary(study_name: str, rows: Sequence[TrialRow], protocol: Protoc
     return "\n".join(lines + [fidelity])
 
 
-__all__ = ["Champion", "study_description", "trial_description", "terminal_summary", "md", "run_link",
+__all__ = ["Champion", "study_description", "trial_description", "terminal_summary", "md", "code",
            "version_link", "NOTE_LIMIT"]

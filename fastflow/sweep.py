@@ -38,7 +38,8 @@ from .registry import Promotion, promote
 from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, load_space, nested
 from .metrics import image_auroc_interval
-from .study_note import Champion, run_link, study_description, terminal_summary, trial_description
+from .model_card import run_link
+from .study_note import Champion, study_description, terminal_summary, trial_description
 from .study_page import TrialRow, figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
                        finish_parent_run, get_run, log_new_params, read_artifact, read_test_scores, record_lost_run,
