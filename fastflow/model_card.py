@@ -23,9 +23,11 @@ def registered_model_description(category: str) -> str:
             f"Load with mlflow.pyfunc.load_model('models:/fastflow-{category}@champion').")
 
 
-def run_link(experiment_id: str, run_id: str) -> str:
-    """A run page as a link relative to MLflow's UI (works on any host and static prefix), in its ML layout."""
-    return f"#/experiments/{quote(str(experiment_id))}/runs/{quote(str(run_id))}?workflowType=machine_learning"
+def run_link(experiment_id: str, run_id: str, tab: str = "") -> str:
+    """A run page (or one of its tabs, e.g. `artifacts/study.html`) as a link relative to MLflow's UI, so it works
+    on any host and static prefix, in the UI's machine-learning layout."""
+    page = f"#/experiments/{quote(str(experiment_id))}/runs/{quote(str(run_id))}" + (f"/{quote(tab)}" if tab else "")
+    return page + "?workflowType=machine_learning"
 
 
 def version_link(model: str, version: str) -> str:

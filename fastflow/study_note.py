@@ -117,7 +117,7 @@ def _table(rows: Sequence[TrialRow], protocol: Protocol, budget: int) -> list[st
                  *(figure_cell(row, n, protocol) for n in columns), "" if epoch is None else str(int(epoch)),
                  _params(row.params)]
         line = "| " + " | ".join(cells) + " |"
-        if used + len(line) > budget:
+        if used + len(line) + 100 > budget:  # room for the line counting the rest
             rest = ["…", f"{len(rows) - index} more trials: see `study.html`"] + [""] * (len(head) - 2)
             lines.append("| " + " | ".join(rest) + " |")
             break
@@ -127,10 +127,11 @@ def _table(rows: Sequence[TrialRow], protocol: Protocol, budget: int) -> list[st
 
 
 def study_description(study_name: str, category: str, protocol: Protocol, rows: Sequence[TrialRow],
-                      parent_run_id: str, champion: Optional[Champion] = None, fidelity: str = "",
-                      figures: Sequence[str] = ()) -> str:
-    """The parent run's description: what was searched and how it was ranked, the champion and how to load it,
-    the ranked trial table with links to every trial's run, the selection fidelity and the study figures."""
+                      experiment_id: str, parent_run_id: str, champion: Optional[Champion] = None,
+                      fidelity: str = "") -> str:
+    """The parent run's description: the best trial and how to load it first (MLflow folds the rest), what was
+    searched and how it was ranked, the ranked trial table with links to every trial's run, the selection
+    fidelity and a link to the study page. No images: MLflow widens the page to an image's natural width."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1
@@ -142,12 +143,11 @@ def study_description(study_name: str, category: str, protocol: Protocol, rows: 
     foot = ["", *load_lines(champion, best), "", f"Figures at each complete trial's best epoch. Test figures use test labels: for a leak-free pick, "
             "what the chosen configuration delivers on new parts; under the test-set protocol, an upper bound. "
             f"{INTERVAL_NOTE}. Pruned and failed trials stop before their summary, so they have no figures here "
-            "(their runs hold the per-epoch curves). Heatmaps of the best trial and all study figures: `study.html` "
-            "under Artifacts."]
+            "(their runs hold the per-epoch curves). Heatmaps of the best trial and the study figures: "
+            f"[study.html]({run_link(experiment_id, parent_run_id, 'artifacts/study.html')}), figures also under "
+            f"[study/]({run_link(experiment_id, parent_run_id, 'artifacts/study')})."]
     if fidelity:
         foot += ["", fidelity[0].upper() + fidelity[1:] + "."]
-    foot += [""] + [artifact_image(parent_run_id, f"study/{name}", name.rsplit(".", 1)[0].replace("_", " "))
-                    for name in figures]
     budget = NOTE_LIMIT - sum(len(line) + 1 for line in head + foot)
     return "\n".join(head + _table(rows, protocol, budget) + foot)
 

@@ -138,7 +138,11 @@ def state_text(row: TrialRow) -> str:
 
 
 def param_text(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    """A sampled value, floats to 3 significant digits (`0.00298`, `1.0`)."""
+    if not isinstance(value, float):
+        return str(value)
+    text = f"{value:.3g}"
+    return text if any(c in text for c in ".en") else f"{text}.0"
 
 
 # ---------------------------------------------------------------- the HTML page

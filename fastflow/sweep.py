@@ -21,7 +21,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
@@ -363,7 +363,7 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         status = "FAILED" if dead and status == "FINISHED" else status
         study_fidelity = trial_fidelity(study, settings.protocol)
         rows = study_rows(study, settings.protocol, parent_run_id)
-        figures = _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity, rows)
+        _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity, rows)
     if dead:
         raise WorkerDiedError(_death_message(dead, died))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
@@ -371,21 +371,20 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
-        describe_runs(settings, parent_run_id, rows, result.promotion, study_fidelity, figures)
+        describe_runs(settings, parent_run_id, rows, result.promotion, study_fidelity)
     return result
 
 
 def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_run_id: str, status: str,
-                           study_fidelity: Optional[Fidelity], rows: list[TrialRow]) -> list[str]:
+                           study_fidelity: Optional[Fidelity], rows: list[TrialRow]) -> None:
     """Attach figures, study page and best metrics and end the parent run, unless a trial still runs
-    (another machine's worker ends it when it finishes); describe the parent and trial runs either way.
-    Returns the names of the study figures logged."""
+    (another machine's worker ends it when it finishes); describe the parent and trial runs either way."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if running:
         log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
                     ", ".join(f"#{t.number}" for t in running))
         describe_runs(settings, parent_run_id, rows, None, study_fidelity)
-        return []
+        return
     figures = study_figures(study, settings.protocol)
     try:
         page = study_page(study, settings, figures, rows)
@@ -394,25 +393,24 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
         page = ""
     metrics = {**_best_metrics(study, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
     finish_parent_run(parent_run_id, figures, metrics, status, page)
-    describe_runs(settings, parent_run_id, rows, None, study_fidelity, list(figures))
-    return list(figures)
+    describe_runs(settings, parent_run_id, rows, None, study_fidelity)
 
 
 def describe_runs(settings: SweepSettings, parent_run_id: str, rows: list[TrialRow],
-                  promotion: Optional[Promotion] = None, study_fidelity: Optional[Fidelity] = None,
-                  figures: Sequence[str] = ()) -> None:
+                  promotion: Optional[Promotion] = None, study_fidelity: Optional[Fidelity] = None) -> None:
     """The descriptions MLflow shows atop each Overview: the parent run's (ranked trials with links, champion and
     how to load it) and each trial's (rank, objective, state, best epoch). A view: failures are only logged."""
     champion = (Champion(promotion.name, promotion.version, promotion.promoted, promotion.champion)
                 if promotion is not None else None)
     try:
-        parent_link = run_link(get_run(parent_run_id).info.experiment_id, parent_run_id)
+        experiment_id = get_run(parent_run_id).info.experiment_id
+        parent_link = run_link(experiment_id, parent_run_id)
         study_name, protocol = settings.resolved_study_name(), settings.protocol
         complete = sum(row.state == "complete" for row in rows)
         notes = {row.run_id: trial_description(row, protocol, complete, study_name, parent_link, champion)
                  for row in rows if row.run_id}
-        notes[parent_run_id] = study_description(study_name, settings.category, protocol, rows, parent_run_id,
-                                                 champion, fidelity_line(study_fidelity, "complete trials"), figures)
+        notes[parent_run_id] = study_description(study_name, settings.category, protocol, rows, experiment_id,
+                                                 parent_run_id, champion, fidelity_line(study_fidelity, "complete trials"))
         set_descriptions(notes)
     except Exception as error:
         log.warning("run descriptions not written: %s: %s", type(error).__name__, error)

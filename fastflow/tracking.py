@@ -38,7 +38,7 @@ from .config import RunConfig, dump_yaml  # noqa: E402
 from .protocol import resolve_selection  # noqa: E402
 from .redact import redact  # noqa: E402
 from .signals import Interrupted, received as received_signal  # noqa: E402
-from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
+from .visualize import close_figure, curves_figure, labelled_heatmap_grid  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,8 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 
 def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5,
+    try:  # a generous timeout: on a loaded machine a niced worker waited over 5 s for `git rev-parse`
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=60,
                               cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
@@ -204,9 +204,10 @@ class MlflowTracker:
             kind = result.checkpoint["threshold_kind"]
             self.set_tags({"threshold_kind": kind, "threshold": f"{result.checkpoint['thresholds'][kind]:.6g}"})
         has_validation = any("eval/val_image_auroc" in row for row in result.history)
-        objective = resolve_selection(cfg.eval.selection_metric, has_validation)[1][0]
-        figure = curves_figure(result.history, result.best_epoch, result.selection_protocol, f"eval/{objective}")
+        protocol, ranking = resolve_selection(cfg.eval.selection_metric, has_validation)
+        figure = curves_figure(result.history, result.best_epoch, protocol.name, f"eval/{ranking[0]}")
         self.client.log_figure(self.run_id, figure, "curves.png")
+        close_figure(figure)
         if result.test_scores:  # per-image test scores at the best epoch: for analysis and the study's reliability
             self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
         self._log_best_heatmaps(result.best_epoch)
@@ -332,6 +333,7 @@ def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], sta
     client = MlflowClient()
     for name, figure in figures.items():
         client.log_figure(run_id, figure, f"study/{name}")
+        close_figure(figure)
     if page:
         client.log_text(run_id, page, STUDY_PAGE)
     if metrics:

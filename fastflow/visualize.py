@@ -95,6 +95,11 @@ def labelled_heatmap_grid(images: torch.Tensor, masks: torch.Tensor, maps: torch
     return figure_to_array(figure)
 
 
+def close_figure(figure: plt.Figure) -> None:
+    """Free a figure once it is saved (pyplot keeps every open figure)."""
+    plt.close(figure)
+
+
 def figure_to_array(figure: plt.Figure) -> np.ndarray:
     """Render and close a figure: `-> (H, W, 3)` uint8."""
     figure.canvas.draw()
@@ -109,34 +114,33 @@ CURVES = (("eval/val_image_auroc", "val_image_auroc (leak-free)"), ("eval/image_
 
 def curves_figure(history: list[dict[str, float]], best_epoch: Optional[int] = None, selection: str = "",
                   objective: str = "") -> plt.Figure:
-    """Loss (left) and AUROC/AUPRO per epoch (right); the `objective` metric (e.g. `eval/val_image_auroc`) drawn
-    first and bold, the chosen `best_epoch` marked on both (chosen by `selection`, a protocol label).
-    Legends sit below the plots."""
-    figure, (loss_axis, metric_axis) = plt.subplots(1, 2, figsize=(11, 4.6))
-    epochs = [row["epoch"] for row in history]
-    loss_axis.plot(epochs, [row["train/loss"] for row in history], label="train loss")
-    val = [(row["epoch"], row["eval/val_loss"]) for row in history if "eval/val_loss" in row]
-    if val:
-        loss_axis.plot(*zip(*val), label="validation loss (held-out normals + synthetic anomalies)")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_title("loss")
-    ordered = sorted(CURVES, key=lambda curve: curve[0] != objective)
-    for key, label in ordered:
+    """AUROC/AUPRO per epoch (top) and loss (bottom), 700 px wide (it fits a run description on MLflow's Overview);
+    the `objective` metric (e.g. `eval/val_image_auroc`) drawn first and bold, the chosen `best_epoch` marked on
+    both (chosen by `selection`, a protocol name). Legends sit below the plots."""
+    figure, (metric_axis, loss_axis) = plt.subplots(2, 1, figsize=(7, 7.2), height_ratios=(3, 2))
+    for key, label in sorted(CURVES, key=lambda curve: curve[0] != objective):
         points = [(row["epoch"], row[key]) for row in history if key in row]
         if points:
             bold = key == objective
             metric_axis.plot(*zip(*points), marker="o", linewidth=2.6 if bold else 1.2,
                              label=f"{label}{' - objective' if bold else ''}", zorder=3 if bold else 2)
-    metric_axis.set_xlabel("epoch")
     metric_axis.set_title("evaluation")
     metric_axis.set_ylim(0, 1.02)
+    epochs = [row["epoch"] for row in history]
+    loss_axis.plot(epochs, [row["train/loss"] for row in history], label="train loss")
+    val = [(row["epoch"], row["eval/val_loss"]) for row in history if "eval/val_loss" in row]
+    if val:
+        loss_axis.plot(*zip(*val), label="validation loss (held-out normals + synthetic anomalies)")
+    loss_axis.set_title("loss")
     if best_epoch is not None:
-        for axis in (loss_axis, metric_axis):
+        for axis in (metric_axis, loss_axis):
             axis.axvline(best_epoch, color="black", linestyle="--", linewidth=1,
                          label=f"chosen epoch {best_epoch}" + (f" ({selection})" if selection else ""))
-    for axis in (loss_axis, metric_axis):
+    for axis in (metric_axis, loss_axis):
+        axis.set_xlabel("epoch")
         axis.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), fontsize=8, frameon=False)
+        axis.legend(loc="upper left", bbox_to_anchor=(0, -0.13 if axis is metric_axis else -0.2), fontsize=8,
+                    frameon=False)
     figure.set_layout_engine("constrained")
     return figure
 

@@ -43,7 +43,7 @@ def _cells(line: str) -> int:
 
 def test_a_long_study_fits_mlflows_tag_limit(tmp_path: Path) -> None:
     rows = [_row(n, value=0.9 - n / 1000) for n in range(300)]
-    text = study_description("long-study", "synthetic", LEAK_FREE, rows, "f" * 32)
+    text = study_description("long-study", "synthetic", LEAK_FREE, rows, "1", "f" * 32)
     stored = _store_and_read(tmp_path, text)
     assert stored == text and len(stored) <= NOTE_LIMIT  # nothing cut by the store
     table = [line for line in stored.splitlines() if line.startswith("|")]
@@ -57,7 +57,7 @@ def test_user_text_cannot_break_the_markdown(tmp_path: Path) -> None:
     error = "ValueError: a|b <script>alert(1)</script> `x` [link](http://evil) *bold* _under_"
     rows = [_row(0), _row(1, "failed", note=error)]
     rows[0].params["model.anomaly_map"] = "n|l*l"
-    text = study_description("study|x", "cat`egory", LEAK_FREE, rows, "f" * 32)
+    text = study_description("study|x", "cat`egory", LEAK_FREE, rows, "1", "f" * 32)
     stored = _store_and_read(tmp_path, text)
     table = [line for line in stored.splitlines() if line.startswith("|")]
     assert len({_cells(line) for line in table}) == 1  # every row has the header's cells: no '|' leaked

@@ -233,6 +233,7 @@ def check_descriptions(client: MlflowClient, result, study, order: list[int], ch
         assert (run.info.run_name, run.info.experiment_id) == (name, experiment_id)
     assert [int(client.get_run(run_id).data.tags["trial_number"]) for _, _, run_id in table] == order
     assert f"#/models/{model_name('synthetic')}/versions/{champion.version}" in note
+    assert f"(#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts/study.html?" in note
     assert f'mlflow.pyfunc.load_model("models:/{model_name("synthetic")}@champion")' in note
     assert note.index(interval(client.get_run(champion.run_id).data.metrics, "val_image_auroc")) < note.index("| rank |")
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
