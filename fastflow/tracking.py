@@ -99,11 +99,15 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 
 def _git(*args: str) -> str:
-    try:  # a generous timeout: on a loaded machine a niced worker waited over 5 s for `git rev-parse`
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=60,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
+    """`git <args>` in the package's folder (its checkout); "" when that is not a git checkout."""
+    try:
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.debug("git %s: %s", " ".join(args), error)
         return ""
+    if done.returncode:
+        log.debug("git %s in %s: %s", " ".join(args), Path(__file__).parent, done.stderr.strip())
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 @functools.lru_cache(maxsize=1)
@@ -117,7 +121,9 @@ def program() -> str:
     path = Path(argv[0])
     if path.name == "fastflow" and len(argv) > 1:
         return f"fastflow {argv[1]}"
-    return path.parent.name if path.name == "__main__.py" else (path.name or "python")
+    if path.name in ("", "-c"):
+        return "python"
+    return path.parent.name if path.name == "__main__.py" else path.name
 
 
 @functools.lru_cache(maxsize=1)
