@@ -13,9 +13,11 @@ from scipy.stats import bootstrap, mannwhitneyu
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate", "image_auroc_interval",
-           "pixel_auroc_interval", "pixel_counts", "pixel_auroc_interval_of_counts", "INTERVAL_LEVEL", "interval_keys"]
+           "pixel_auroc_interval", "pixel_counts", "pixel_auroc_interval_of_counts", "INTERVAL_LEVEL",
+           "INTERVAL_METRICS", "interval_keys"]
 
 INTERVAL_LEVEL = 0.95  # the confidence level of every interval the harness prints or logs
+INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "val_image_auroc")  # the AUROCs each run logs an interval of
 
 
 def interval_keys(metric: str) -> tuple[str, str]:

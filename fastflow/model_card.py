@@ -7,7 +7,9 @@ was chosen (protocol), how it decides (threshold and where that threshold comes 
 from __future__ import annotations
 
 from typing import Mapping
+from urllib.parse import quote
 
+from .metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
 from .protocol import RANKED_METRICS, protocol_for_metric
 
 KEY_METRICS = (*RANKED_METRICS, "epoch")
@@ -21,6 +23,18 @@ def registered_model_description(category: str) -> str:
             f"Load with mlflow.pyfunc.load_model('models:/fastflow-{category}@champion').")
 
 
+def run_link(experiment_id: str, run_id: str, tab: str = "") -> str:
+    """A run page (or one of its tabs, e.g. `artifacts/study.html`) as a link relative to MLflow's UI, so it works
+    on any host and static prefix, in the UI's machine-learning layout."""
+    page = f"#/experiments/{quote(str(experiment_id))}/runs/{quote(str(run_id))}" + (f"/{quote(tab)}" if tab else "")
+    return page + "?workflowType=machine_learning"
+
+
+def version_link(model: str, version: str) -> str:
+    """A registered model version's page, relative to MLflow's UI."""
+    return f"#/models/{quote(str(model))}/versions/{quote(str(version))}"
+
+
 def _number(value) -> str:
     try:
         return f"{float(value):.4f}"
@@ -28,19 +42,30 @@ def _number(value) -> str:
         return str(value)
 
 
-def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping[str, float], metric: str) -> str:
-    """Markdown for one model version: data, protocol, threshold and the best-epoch metrics of its run.
+def _interval(metrics: Mapping[str, float], name: str) -> str:
+    low, high = (metrics.get(f"best/{key}") for key in interval_keys(name))
+    if name not in INTERVAL_METRICS:
+        return ""
+    return "no interval logged" if low is None or high is None else f"[{_number(low)}, {_number(high)}]"
 
-    `metric` is the objective the version was ranked by (e.g. `image_auroc`); `metrics` the run's `best/*`.
+
+def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping[str, float], metric: str,
+                        run_link: str = "") -> str:
+    """Markdown for one model version: its run (linked), data, protocol, threshold and the best-epoch metrics of
+    its run with their bootstrap intervals.
+
+    `metric` is the objective the version was ranked by (e.g. `image_auroc`); `metrics` the run's `best/*`;
+    `run_link` the run page's UI route (`#/experiments/<id>/runs/<id>`).
     """
     protocol = protocol_for_metric(metric)
     kind = tags.get("threshold_kind", "")
+    run = f"[{run_name}]({run_link})" if run_link else f"`{run_name}`"
     lines = [
-        f"**{tags.get('category', '?')}** model from run `{run_name}`"
+        f"**{tags.get('category', '?')}** model from run {run}"
         + (f" (study `{tags['study']}`, trial {tags['trial_number']})" if "trial_number" in tags else ""),
         "",
         f"- data: category `{tags.get('category', '?')}`, content hash `{tags.get('data_hash', '?')}`, "
-        f"root `{tags.get('data_root', '?')}`",
+        f"root `{tags.get('data_root', '?')}`; held-out normals: {tags.get('validation_source', 'none recorded')}",
         f"- backbone: `{tags.get('backbone', '?')}`",
         f"- ranked by: {protocol.label}: " + " > ".join(f"`{name}`" for name in protocol.ranking)
         + " (later ones break ties)",
@@ -48,15 +73,16 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
         f"- threshold: {tags['threshold']} ({kind}: {tags.get('threshold_source', 'source not recorded')})"
         if "threshold" in tags else "- threshold: not recorded",
         "",
-        "| metric (best epoch) | value | protocol |",
-        "|---|---|---|",
+        f"| metric (best epoch) | value | {INTERVAL_LEVEL:.0%} bootstrap interval | protocol |",
+        "|---|---|---|---|",
     ]
     for name in KEY_METRICS:
         value = metrics.get(f"best/{name}")
         if value is not None:
             where = "leak-free" if name.startswith("val_") else "-" if name == "epoch" else "test set"
-            lines.append(f"| {name} | {_number(value) if name != 'epoch' else int(value)} | {where} |")
+            lines.append(f"| {name} | {_number(value) if name != 'epoch' else int(value)} | "
+                         f"{_interval(metrics, name)} | {where} |")
     return "\n".join(lines)
 
 
-__all__ = ["registered_model_description", "version_description"]
+__all__ = ["registered_model_description", "version_description", "run_link", "version_link"]

@@ -24,8 +24,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .model_card import registered_model_description, version_description
-from .protocol import Protocol, protocol_for_metric, ranking_key
+from .model_card import registered_model_description, run_link, version_description
+from .protocol import RANKED_METRICS, Protocol, protocol_for_metric, ranking_key
 from .redact import redact
 from .tracking import CHECKPOINT_ARTIFACT, connect, download_checkpoint, ensure_experiment, quoted, tracking_uri
 
@@ -47,6 +47,7 @@ class Promotion:
     promoted: bool  # the champion alias now points at this version
     previous_champion: Optional[str]
     previous_value: Optional[float]
+    champion: Optional[str] = None  # the version @champion points at after this promotion
 
 
 def best_run(category: str, metric: str, experiment: str = "fastflow", study: str = ""):
@@ -70,16 +71,6 @@ def model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     return list(client.search_model_versions(f"name = {quoted(name)}"))
 
 
-PROVENANCE_TAGS = ("selection_protocol", "threshold_source", "validation_source")
-
-
-def tag_version_provenance(client: MlflowClient, name: str, version: str, run) -> None:
-    """Copy how the run chose its epoch and stored threshold onto the registered version (idempotent)."""
-    for key in PROVENANCE_TAGS:
-        if key in run.data.tags:
-            client.set_model_version_tag(name, version, key, run.data.tags[key])
-
-
 def _version_for_run(client: MlflowClient, name: str, run_id: str) -> Optional[ModelVersion]:
     """The run's version: its lowest, when racing promoters registered it twice."""
     mine = [v for v in model_versions(client, name) if v.run_id == run_id]
@@ -87,9 +78,12 @@ def _version_for_run(client: MlflowClient, name: str, run_id: str) -> Optional[M
 
 
 def version_tags(run, metric: str) -> dict[str, str]:
-    """Tags of a new version: where it came from and its best-epoch metrics (what `@champion` is ranked by)."""
-    return {"run_id": run.info.run_id, "metric": metric, "study": run.data.tags.get("study", ""),
-            **{k: f"{v:.6f}" for k, v in run.data.metrics.items() if k.startswith("best/")}}
+    """Tags of a new version: only what `@champion` is ranked by, read without opening the run (the objective it was
+    registered for and both protocols' ranking metrics). The rest (run, study, data, protocol, threshold and its
+    source, intervals) is in the version's description and on its run."""
+    metrics = run.data.metrics
+    return {"metric": metric, **{f"best/{k}": f"{metrics[f'best/{k}']:.6f}" for k in RANKED_METRICS
+                                 if f"best/{k}" in metrics}}
 
 
 def _delete_twin(client: MlflowClient, name: str, version: ModelVersion, keep: ModelVersion) -> None:
@@ -180,7 +174,6 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     version = register_once(client, name, run, metric)
     remove_twins(client, name)
     _describe(client, name, version.version, run, metric)  # idempotent: the same text for the same run
-    tag_version_provenance(client, name, version.version, run)
     previous = _champion(client, name)
     previous_value = float(previous.tags[f"best/{metric}"]) if previous and f"best/{metric}" in previous.tags else None
     if force:
@@ -188,14 +181,16 @@ def promote(category: str, metric: str = "image_auroc", experiment: str = "fastf
     champion = settle_champion(client, name, protocol)
     is_champion = champion is not None and str(champion.version) == str(version.version)
     return Promotion(name, version.version, run.info.run_id, value, is_champion,
-                     previous.version if previous else None, previous_value)
+                     previous.version if previous else None, previous_value,
+                     str(champion.version) if champion is not None else None)
 
 
 def _describe(client: MlflowClient, name: str, version: str, run, metric: str) -> None:
     """Descriptions on the registered model and on the new version (see model_card.py)."""
     client.update_registered_model(name, description=registered_model_description(run.data.tags.get("category", "")))
     client.update_model_version(name, version, description=version_description(
-        run.info.run_name or run.info.run_id, run.data.tags, run.data.metrics, metric))
+        run.info.run_name or run.info.run_id, run.data.tags, run.data.metrics, metric,
+        run_link(run.info.experiment_id, run.info.run_id)))
 
 
 # ---------------------------------------------------------------- loading logged models (predict, export)

@@ -42,6 +42,13 @@ class Distribution:
             return trial.suggest_int(name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
         return trial.suggest_float(name, self.low, self.high, step=self.step, log=self.log)
 
+    def describe(self) -> str:
+        """e.g. `one of resnet18, deit`, `int 2..8 step 2`, `float 0.0001..0.003 log`."""
+        if self.kind == "categorical":
+            return "one of " + ", ".join(map(str, self.choices))
+        return (f"{self.kind} {self.low:g}..{self.high:g}" + (f" step {self.step:g}" if self.step else "")
+                + (" log" if self.log else ""))
+
 
 @dataclass(frozen=True)
 class SearchSpace:

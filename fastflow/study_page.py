@@ -1,8 +1,9 @@
 """The study page: one self-contained HTML file on a sweep's parent run (MLflow shows it in the artifact viewer).
 
-Trials ranked by the study's protocol (objective, then its tie-breaking metrics) with their parameters, their
-test-set and leak-free metrics, their state (complete, pruned, failed) and links to their runs; the best
-trial's heatmaps and the study figures, inlined as PNG so the file needs nothing else. No MLflow here.
+Trials ranked by the study's protocol (objective, then its tie-breaking metrics) with their test-set and
+leak-free figures (each AUROC with its 95% bootstrap interval), their state (complete, pruned, failed), run ids
+and parameters; the best trial's heatmaps and the study figures, inlined as PNG so the file needs nothing else.
+`TrialRow` and the cell formatting are shared with `study_note` (the run descriptions). No MLflow here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from .protocol import LEAK_FREE, PAPER, RANKED_METRICS, Protocol, ranking_key
+from .metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
+from .protocol import RANKED_METRICS, Protocol, ranking_key
 
 STATE_NOTES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}
+LABELS = {"val_image_auroc": "leak-free image AUROC", "image_auroc": "test image AUROC",
+          "pixel_auroc": "test pixel AUROC", "aupro": "test AUPRO"}  # the figures each trial row shows
+INTERVAL_NOTE = (f"[low, high]: {INTERVAL_LEVEL:.0%} bootstrap interval over the images (test images for test "
+                 "figures, validation images for leak-free ones)")
 
 
 @dataclass
@@ -30,8 +36,11 @@ class TrialRow:
     run_id: str = ""
     run_name: str = ""
     experiment_id: str = ""
-    note: str = ""  # e.g. "pruned at epoch 2", the error of a failed run
+    note: str = ""  # e.g. "at epoch 2" (pruned), the error of a failed run
     rank: tuple = field(default_factory=tuple)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (low, high), best epoch
+    place: Optional[int] = None  # 1 = best complete trial; None for trials that did not complete
+    model_uri: str = ""  # the run's logged model
 
 
 def figure_png(figure) -> bytes:
@@ -50,6 +59,16 @@ def _metrics(run: Mapping, complete: bool, user_attrs: Mapping) -> dict[str, flo
     if complete and "best/epoch" in logged:
         values["epoch"] = logged["best/epoch"]
     return values
+
+
+def logged_intervals(metrics: Mapping[str, float], prefix: str = "best/") -> dict[str, tuple[float, float]]:
+    """metric -> (low, high) from a run's `best/<metric>_ci_low/high` metrics (those it logged)."""
+    found = {}
+    for name in INTERVAL_METRICS:
+        low, high = (prefix + key for key in interval_keys(name))
+        if low in metrics and high in metrics:
+            found[name] = (float(metrics[low]), float(metrics[high]))
+    return found
 
 
 def trial_rows(trials: Sequence, runs: Mapping[str, Mapping], protocol: Protocol) -> list[TrialRow]:
@@ -71,85 +90,146 @@ def trial_rows(trials: Sequence, runs: Mapping[str, Mapping], protocol: Protocol
         value = trial.value if state == "complete" else None
         last = trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
         rank = ranking_key({**metrics, protocol.metric: value if value is not None else last}, protocol)
-        rows.append(TrialRow(trial.number, state, value, dict(trial.params), metrics, run_id,
-                             run.get("name", ""), run.get("experiment_id", ""), note, rank))
+        intervals = logged_intervals(run.get("metrics", {})) if state == "complete" else {}
+        rows.append(TrialRow(trial.number, state, value, dict(trial.params), metrics, run_id, run.get("name", ""),
+                             run.get("experiment_id", ""), note, rank, intervals, model_uri=tags.get("model_uri", "")))
     order = {"complete": 0, "pruned": 1}
-    return sorted(rows, key=lambda r: (order.get(r.state, 2), tuple(-v for v in r.rank) if r.state in order else (),
-                                       r.number))
+    rows.sort(key=lambda r: (order.get(r.state, 2), tuple(-v for v in r.rank) if r.state in order else (), r.number))
+    for place, row in enumerate((r for r in rows if r.state == "complete"), start=1):
+        row.place = place
+    return rows
 
 
-def _number(value: Optional[float]) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:.4f}"
+# ---------------------------------------------------------------- cells shared with the run descriptions
+
+
+def figure_columns(protocol: Protocol) -> list[str]:
+    """The figures a trial row shows: the objective first, then the test-set and leak-free ones."""
+    return [protocol.metric, *(name for name in LABELS if name != protocol.metric)]
+
+
+def number(value: Optional[float], digits: int = 3) -> str:
+    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def interval_text(row: TrialRow, metric: str) -> str:
+    """`[low, high]` of an AUROC of a complete trial; `[no interval]` for runs logged before intervals were;
+    empty for metrics that have none (AUPRO)."""
+    if metric not in INTERVAL_METRICS:
+        return ""
+    if metric not in row.intervals:
+        return "[no interval]"
+    low, high = row.intervals[metric]
+    return f"[{number(low)}, {number(high)}]"
+
+
+def figure_value(row: TrialRow, metric: str, protocol: Protocol) -> Optional[float]:
+    """A complete trial's figure at its best epoch (the objective: the trial's value). Pruned and failed trials
+    stop before their summary (no best epoch, no interval), so they show none."""
+    if row.state != "complete":
+        return None
+    return row.value if metric == protocol.metric and row.value is not None else row.metrics.get(metric)
+
+
+def state_text(row: TrialRow) -> str:
+    if row.state == "pruned":
+        return f"pruned {row.note}".strip()
+    return row.state + (f" ({row.note})" if row.note else "")
+
+
+def param_text(value) -> str:
+    """A sampled value, floats to 3 significant digits (`0.00298`, `1.0`)."""
+    if not isinstance(value, float):
+        return str(value)
+    text = f"{value:.3g}"
+    return text if any(c in text for c in ".en") else f"{text}.0"
+
+
+# ---------------------------------------------------------------- the HTML page
 
 
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
-STYLE = """body{font-family:system-ui,sans-serif;margin:16px;color:#1a1a1a}
-table{border-collapse:collapse;font-size:13px}th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}
-th{background:#f2f2f2}td.l,th.l{text-align:left;white-space:nowrap}td.s{white-space:normal;min-width:10em}tr.best{background:#e6f4ea;font-weight:600}
-tr.pruned{color:#8a6d00;background:#fff8e1}tr.failed{color:#b00020;background:#fdecea}
-img{max-width:100%;border:1px solid #ddd;margin:4px 0}.note{color:#555;font-size:13px}h2{margin-top:28px}"""
+STYLE = """body{font-family:system-ui,sans-serif;margin:12px;color:#1a1a1a;font-size:14px}
+table{border-collapse:collapse;font-size:12px;width:100%}th,td{border:1px solid #ccc;padding:3px 5px;text-align:right;
+vertical-align:top}th{background:#f2f2f2;font-weight:600}td.l,th.l{text-align:left}tr.best{background:#e6f4ea}
+tr.best td.v{font-weight:700}tr.pruned{color:#8a6d00;background:#fff8e1}tr.failed{color:#b00020;background:#fdecea}
+.ci{color:#555;font-size:11px;white-space:nowrap}code.id{font-size:10px;word-break:break-all;color:#444}
+.p{white-space:nowrap;font-size:11px}img{max-width:100%;border:1px solid #ddd;margin:4px 0}
+.note{color:#555;font-size:12px}h2{margin-top:24px}"""
 
 LINK_SCRIPT = """<script>
-// The page is shown from a blob: URL inside MLflow's artifact viewer (or opened from the server directly):
-// point each run link at the same MLflow server.
-(function(){var m=/^blob:(https?:\\/\\/[^\\/]+)/.exec(location.href);
-var base=m?m[1]:(location.protocol.indexOf('http')===0?location.origin:'');
-document.querySelectorAll('a[data-run]').forEach(function(a){if(base){a.href=base+'/#/experiments/'+
-a.dataset.experiment+'/runs/'+a.dataset.run+'?workflowType=machine_learning';}});})();
+// MLflow's artifact viewer shows this page in a sandboxed frame, where no link can open (the sandbox blocks
+// navigation out of the frame, and the app does not load inside it): there the run ids stay plain text to copy.
+// Opened on its own (downloaded) with a known tracking server, the run names link to the runs.
+(function(){var server=document.body.dataset.server||'';
+if(window.self!==window.top||!server){return;}
+document.querySelectorAll('a[data-run]').forEach(function(a){a.href=server+'/#/experiments/'+a.dataset.experiment+
+'/runs/'+a.dataset.run;a.target='_blank';});
+var note=document.getElementById('links');if(note){note.textContent='Run names link to the runs on '+server+'.';}})();
 </script>"""
 
 
+def _cell(row: TrialRow, metric: str, protocol: Protocol) -> str:
+    value = figure_value(row, metric, protocol)
+    if value is None:
+        return "<td></td>"
+    ci = interval_text(row, metric)
+    return f'<td class="v">{number(value)}' + (f'<br><span class="ci">{html.escape(ci)}</span>' if ci else "") + "</td>"
+
+
 def _table(rows: list[TrialRow], protocol: Protocol, best: Optional[int]) -> str:
-    params = sorted({name for row in rows for name in row.params})
-    test, leak_free = PAPER.ranking, LEAK_FREE.ranking
-    head = ['<th class="l" rowspan="2">trial</th>', '<th class="l" rowspan="2">MLflow run</th>',
-            '<th class="l" rowspan="2">state</th>',
-            f'<th rowspan="2">objective<br>{html.escape(protocol.metric)}</th>',
-            f'<th colspan="{len(test)}">test set (paper protocol)</th>',
-            f'<th colspan="{len(leak_free)}">leak-free (held-out normals + synthetic anomalies)</th>',
-            '<th rowspan="2">best epoch</th>', f'<th class="l" colspan="{len(params)}">parameters</th>']
-    sub = [f"<th>{html.escape(n)}</th>" for n in (*test, *leak_free)]
-    sub += [f'<th class="l">{html.escape(p)}</th>' for p in params]
-    lines = ["<table>", "<tr>" + "".join(head) + "</tr>", "<tr>" + "".join(sub) + "</tr>"]
+    columns = figure_columns(protocol)
+    head = ['<th>rank</th>', '<th class="l">trial, run id</th>', '<th class="l">state</th>']
+    head += [f"<th>{'objective: ' if name == protocol.metric else ''}{html.escape(LABELS[name])}</th>"
+             for name in columns]
+    head += ["<th>best epoch</th>", '<th class="l">parameters</th>']
+    lines = ["<table>", "<tr>" + "".join(head) + "</tr>"]
     for row in rows:
         css = "best" if row.number == best else row.state
-        link = (f'<a data-run="{html.escape(row.run_id)}" data-experiment="{html.escape(row.experiment_id)}" '
-                f'title="run id {html.escape(row.run_id)}">{html.escape(row.run_name or row.run_id)}</a>'
-                if row.run_id else "")
-        state = html.escape(row.state + (f" {row.note}" if row.state == "pruned" else f" ({row.note})" if row.note else ""))
-        cells = [f'<td class="l">#{row.number}{" (best)" if row.number == best else ""}</td>',
-                 f'<td class="l">{link}</td>', f'<td class="l s">{state}</td>', f"<td>{_number(row.value)}</td>"]
-        cells += [f"<td>{_number(row.metrics.get(n))}</td>" for n in (*test, *leak_free)]
-        epoch = row.metrics.get("epoch")
-        cells.append(f"<td>{'' if epoch is None else int(epoch)}</td>")
-        cells += [f'<td class="l">{html.escape(str(row.params.get(p, "")))}</td>' for p in params]
+        run = (f'<a data-run="{html.escape(row.run_id)}" data-experiment="{html.escape(row.experiment_id)}">'
+               f'{html.escape(row.run_name or row.run_id)}</a><br><code class="id">{html.escape(row.run_id)}</code>'
+               if row.run_id else "")
+        params = "".join(f'<div class="p">{html.escape(str(k))} = {html.escape(param_text(v))}</div>'
+                         for k, v in sorted(row.params.items()))
+        epoch = row.metrics.get("epoch") if row.state == "complete" else None
+        cells = [f"<td>{row.place or ''}</td>",
+                 f'<td class="l">#{row.number}{" (best)" if row.number == best else ""}<br>{run}</td>',
+                 f'<td class="l">{html.escape(state_text(row))}</td>']
+        cells += [_cell(row, name, protocol) for name in columns]
+        cells += [f"<td>{'' if epoch is None else int(epoch)}</td>", f'<td class="l">{params}</td>']
         lines.append(f'<tr class="{css}">' + "".join(cells) + "</tr>")
     return "\n".join(lines + ["</table>"])
 
 
 def render_study_page(study_name: str, category: str, protocol: Protocol, rows: list[TrialRow],
-                      best: Optional[int], heatmaps: Optional[bytes], figures: Mapping[str, bytes]) -> str:
-    """The whole page as one HTML string (images inlined)."""
+                      best: Optional[int], heatmaps: Optional[bytes], figures: Mapping[str, bytes],
+                      server: str = "") -> str:
+    """The whole page as one HTML string (images inlined). `server`: the tracking server's URL when there is one
+    (run names link there when the page is opened outside MLflow's viewer); run ids are always shown."""
     counts: dict[str, int] = {}
     for row in rows:
         counts[row.state] = counts.get(row.state, 0) + 1
-    complete = [row.value for row in rows if row.value is not None]
-    spread = (f"; objective over complete trials {min(complete):.4f} .. {max(complete):.4f}" if complete else "")
     rule = " > ".join(protocol.ranking)
     parts = [
         "<!DOCTYPE html><html><head><meta charset=\"utf-8\">",
-        f"<title>study {html.escape(study_name)}</title><style>{STYLE}</style></head><body>",
+        f"<title>study {html.escape(study_name)}</title><style>{STYLE}</style></head>",
+        f"<body data-server=\"{html.escape(server)}\">",
         f"<h1>Study {html.escape(study_name)}</h1>",
         f"<p>Category <b>{html.escape(category)}</b>. Selection protocol: <b>{html.escape(protocol.label)}</b>. "
-        f"Trials ranked by {html.escape(rule)} (each later metric breaks ties of the earlier ones; "
-        f"same protocol). " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + html.escape(spread) + ".</p>",
-        '<p class="note">Complete trials show their best epoch; pruned and failed trials the last epoch they '
-        "logged. Test-set columns use test labels (paper protocol); leak-free columns use held-out normal "
-        "images plus synthetic anomalies only.</p>",
-        "<h2>Trials</h2>", _table(rows, protocol, best),
+        f"Trials ranked by {html.escape(rule)} (each later metric breaks ties of the earlier ones; same protocol). "
+        + html.escape(", ".join(f"{n} {s}" for s, n in sorted(counts.items()))) + ".</p>",
+        f'<p class="note">Figures at each complete trial\'s best epoch, chosen by the {html.escape(protocol.name)} '
+        "protocol. Test figures use test labels; leak-free figures use held-out normal images plus synthetic "
+        f"anomalies only. {html.escape(INTERVAL_NOTE)}. Pruned and failed trials stop before their summary: no "
+        "figures here (their runs hold the per-epoch curves).</p>",
+        "<h2>Trials</h2>",
+        '<p class="note" id="links">Inside MLflow\'s artifact viewer no link can open (the viewer\'s sandbox blocks '
+        "them): open a trial from the parent run's Overview, whose description links every trial, or paste its run "
+        "id into the runs table's search box (<code>attributes.run_id = '&lt;id&gt;'</code>).</p>",
+        _table(rows, protocol, best),
     ]
     if best is not None and heatmaps:
         parts += [f"<h2>Best trial #{best}: test-image heatmaps at its best epoch</h2>",
@@ -162,4 +242,6 @@ def render_study_page(study_name: str, category: str, protocol: Protocol, rows: 
     return "\n".join(parts)
 
 
-__all__ = ["TrialRow", "trial_rows", "render_study_page", "figure_png"]
+__all__ = ["TrialRow", "trial_rows", "render_study_page", "figure_png", "logged_intervals", "figure_columns",
+           "figure_value", "interval_text", "state_text", "param_text", "number", "LABELS",
+           "INTERVAL_NOTE"]

@@ -38,11 +38,15 @@ from .selection import Fidelity, fidelity, fidelity_line, split_half_reliability
 from .registry import Promotion, promote
 from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
 from .space import SearchSpace, choose_space, load_space, nested
-from .study_page import figure_png, render_study_page, trial_rows
+from .metrics import image_auroc_interval
+from .model_card import run_link
+from .study_note import Champion, study_description, terminal_summary, trial_description
+from .study_page import TrialRow, figure_png, render_study_page, trial_rows
 from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
-                       finish_parent_run, get_run, read_artifact, read_test_scores, record_lost_run, set_owner,
-                       start_parent_run, start_run, tracking_uri, trial_runs)
+                       finish_parent_run, get_run, log_new_params, read_artifact, read_test_scores, record_lost_run,
+                       server_url, set_descriptions, set_owner, start_parent_run, start_run, tracking_uri, trial_runs)
 from .train import train_and_evaluate
+from .visualize import tidy_study_figure
 
 log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -248,10 +252,25 @@ def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float 
         time.sleep(1)
         study = optuna.load_study(study_name=study.study_name, storage=study._storage)
     run_id = start_parent_run(settings.experiment, study.study_name, tags, known or study.user_attrs.get(PARENT_ATTR))
+    log_new_params(run_id, study_params(settings, space))
     study.set_user_attr(PARENT_ATTR, run_id)
     study.set_user_attr(EXPERIMENT_ATTR, settings.experiment)
     study.set_metric_names([objective_name(settings.protocol)])  # optuna-dashboard's name for the objective
     return run_id
+
+
+def study_params(settings: SweepSettings, space: SearchSpace) -> dict[str, str]:
+    """The parent run's params: the search space (`space.<key>`), the values every trial gets (`fixed.<key>`) and
+    the study's settings (`study.*`)."""
+    params = {f"space.{name}": dist.describe() for name, dist in space.params.items()}
+    params.update({f"fixed.{key}": value for key, value in {**space.fixed, **settings.extra_fixed}.items()})
+    params.update({"study.name": settings.resolved_study_name(), "study.space_file": str(settings.space_path),
+                   "study.category": settings.category, "study.data_root": settings.root,
+                   "study.objective": f"maximize {settings.metric} ({settings.protocol.label})",
+                   "study.ranking": " > ".join(settings.protocol.ranking),
+                   "study.sampler": f"TPE, seed {settings.seed} (+ worker, trials so far, host)",
+                   "study.pruner": space.pruner})
+    return params
 
 
 def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
@@ -332,6 +351,7 @@ class SweepResult:
     counts: dict[str, int]
     promotion: Optional[Promotion] = None
     fidelity: Optional[Fidelity] = None  # validation vs test image AUROC across the complete trials
+    rows: list[TrialRow] = field(default_factory=list)  # every trial, best first (`study_page.trial_rows`)
 
 
 class WorkerDiedError(RuntimeError):
@@ -363,21 +383,23 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         optuna.storages.fail_stale_trials(study)
         status = "FAILED" if dead and status == "FINISHED" else status
         study_fidelity = trial_fidelity(study, settings.protocol)
-        _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity)
+        rows = study_rows(study, settings.protocol, parent_run_id)
+        _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity, rows)
     if dead:
         raise WorkerDiedError(_death_message(dead, study.trials))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
-                         _counts(study), fidelity=study_fidelity)
+                         _counts(study), fidelity=study_fidelity, rows=rows)
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
+        describe_runs(settings, parent_run_id, rows, result.promotion, study_fidelity)
     return result
 
 
 def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_run_id: str, status: str,
-                           study_fidelity: Optional[Fidelity] = None) -> None:
+                           study_fidelity: Optional[Fidelity], rows: list[TrialRow]) -> None:
     """Attach figures, study page and best metrics and end the parent run, unless a trial still runs
-    (another machine's worker ends it when it finishes)."""
+    (another machine's worker ends it when it finishes); describe the parent and trial runs either way."""
     running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     if running:
         log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
@@ -385,15 +407,37 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
         owners = [t.user_attrs[OWNER_ATTR] for t in running if OWNER_ATTR in t.user_attrs]
         if owners:  # the parent is theirs now: closed FAILED if they die too, reopened by the next sweep
             set_owner(parent_run_id, owners[0])
+        describe_runs(settings, parent_run_id, rows, None, study_fidelity)
         return
     figures = study_figures(study, settings.protocol)
     try:
-        page = study_page(study, settings, parent_run_id, figures)
+        page = study_page(study, settings, figures, rows)
     except Exception as error:  # the page is a view: never leave the parent run RUNNING over it
         log.warning("no study page: %s: %s", type(error).__name__, error)
         page = ""
     metrics = {**_best_metrics(study, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
     finish_parent_run(parent_run_id, figures, metrics, status, page)
+    describe_runs(settings, parent_run_id, rows, None, study_fidelity)
+
+
+def describe_runs(settings: SweepSettings, parent_run_id: str, rows: list[TrialRow],
+                  promotion: Optional[Promotion] = None, study_fidelity: Optional[Fidelity] = None) -> None:
+    """The descriptions MLflow shows atop each Overview: the parent run's (ranked trials with links, champion and
+    how to load it) and each trial's (rank, objective, state, best epoch). A view: failures are only logged."""
+    champion = (Champion(promotion.name, promotion.version, promotion.promoted, promotion.champion)
+                if promotion is not None else None)
+    try:
+        experiment_id = get_run(parent_run_id).info.experiment_id
+        parent_link = run_link(experiment_id, parent_run_id)
+        study_name, protocol = settings.resolved_study_name(), settings.protocol
+        complete = sum(row.state == "complete" for row in rows)
+        notes = {row.run_id: trial_description(row, protocol, complete, study_name, parent_link, champion)
+                 for row in rows if row.run_id}
+        notes[parent_run_id] = study_description(study_name, settings.category, protocol, rows, experiment_id,
+                                                 parent_run_id, champion, fidelity_line(study_fidelity, "complete trials"))
+        set_descriptions(notes)
+    except Exception as error:
+        log.warning("run descriptions not written: %s: %s", type(error).__name__, error)
 
 
 def _death_message(dead: list[tuple[int, str, int]], trials: list[FrozenTrial]) -> str:
@@ -486,34 +530,34 @@ def study_figures(study: optuna.Study, protocol: Protocol) -> dict:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                axes = plot(study, target_name=objective_name(protocol))
-                figures[f"{name}.png"] = readable(axes)
+                target = f"{protocol.metric} ({protocol.name})"
+                figures[f"{name}.png"] = tidy_study_figure(name, plot(study, target_name=target), protocol.label, target)
         except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
             log.info("skipping %s: %s", name, error)
     return figures
 
 
-def readable(axes):
-    """Optuna's matplotlib figure at a size where its labels do not overlap."""
-    figure = axes.figure
-    figure.set_size_inches(10, 5.5)
-    for axis in figure.axes:
-        for label in axis.get_xticklabels():
-            label.set_rotation(20)
-            label.set_horizontalalignment("right")
-    figure.tight_layout()
-    return figure
+def study_rows(study: optuna.Study, protocol: Protocol, parent_run_id: str) -> list[TrialRow]:
+    """Every trial with its run's figures and intervals, best first. A complete run logged before intervals were
+    gets its test image AUROC's interval from its per-image test scores (`test_scores.json`), when it has them."""
+    rows = trial_rows(study.trials, child_run_summaries(parent_run_id), protocol)
+    for row in rows:
+        if row.state == "complete" and row.run_id and "image_auroc" not in row.intervals:
+            scores = read_test_scores(row.run_id)
+            try:
+                row.intervals["image_auroc"] = image_auroc_interval(scores["labels"], scores["scores"])
+            except (TypeError, KeyError, ValueError):  # no scores, or a single class
+                continue
+    return rows
 
 
-def study_page(study: optuna.Study, settings: SweepSettings, parent_run_id: str, figures: dict) -> str:
+def study_page(study: optuna.Study, settings: SweepSettings, figures: dict, rows: list[TrialRow]) -> str:
     """The HTML study page for the parent run: trials ranked, their runs, the champion's heatmaps, the figures."""
     best = best_trial(study, settings.protocol)
-    runs = child_run_summaries(parent_run_id)
     heatmaps = read_artifact(best.user_attrs["mlflow_run_id"], BEST_HEATMAPS) if best is not None else None
-    rows = trial_rows(study.trials, runs, settings.protocol)
     return render_study_page(study.study_name, settings.category, settings.protocol, rows,
                              best.number if best is not None else None, heatmaps,
-                             {name: figure_png(figure) for name, figure in figures.items()})
+                             {name: figure_png(figure) for name, figure in figures.items()}, server_url())
 
 
 def _best_metrics(study: optuna.Study, protocol: Protocol) -> dict[str, float]:
@@ -532,27 +576,6 @@ def _counts(study: optuna.Study) -> dict[str, int]:
 
 
 def summary_table(result: SweepResult, category: str, metric: str) -> str:
-    """Plain-text table for the terminal: best params and AUROCs, with the paper's number when known."""
-    lines = [f"study {result.study_name}: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(result.counts.items()))]
-    best = result.best_trial
-    if best is None:
-        return "\n".join(lines + ["no trial completed"])
-    lines.append(f"best trial #{best.number} ({metric} = {best.value:.4f}, epoch {best.user_attrs.get('best_epoch')}); "
-                 f"selection: {protocol_for_metric(metric).label}")
-    lines += [f"  {name:<24} {value}" for name, value in best.params.items()]
-    paper = paper_numbers(category)
-    lines.append(f"  {'':<24} {'ours':>8} {'paper':>8}")
-    for key in ("image_auroc", "pixel_auroc", "aupro"):
-        ours = best.user_attrs.get(key)
-        theirs = paper.get(key) if paper else None
-        lines.append(f"  {key:<24} {ours if ours is None else f'{ours:.4f}':>8} "
-                     f"{'-' if theirs is None else f'{theirs:.3f}':>8}")
-    for key in ("val_image_auroc", "val_pixel_auroc", "val_aupro"):
-        if key in best.user_attrs:
-            lines.append(f"  {key:<24} {best.user_attrs[key]:>8.4f} {'-':>8}")
-    lines.append("  (ours: test set at the selected epoch; val_*: held-out normals + synthetic anomalies)")
-    if paper:
-        lines.append("  (paper: CaiT per-category numbers, test-set selection)")
-    lines.append(fidelity_line(result.fidelity, "complete trials"))
-    return "\n".join(lines)
-
+    """Plain-text table for the terminal: best params and figures (AUROCs with intervals), the paper's numbers."""
+    return terminal_summary(result.study_name, result.rows, protocol_for_metric(metric), paper_numbers(category),
+                            fidelity_line(result.fidelity, "complete trials"))

@@ -7,6 +7,7 @@ Local store by default (`sqlite:///mlruns/mlflow.db`, artifacts under `mlruns/ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -14,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -38,10 +40,10 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from .config import RunConfig, dump_yaml  # noqa: E402
 from .faults import StoreError, describe, fault_of, guard, store_error  # noqa: E402
 from .owners import OWNER_TAG, close_dead_runs, owner_tags  # noqa: E402
+from .protocol import resolve_selection  # noqa: E402
 from .redact import redact  # noqa: E402
 from .signals import Interrupted, received as received_signal  # noqa: E402
-from .visualize import curves_figure, labelled_heatmap_grid  # noqa: E402
-from matplotlib import pyplot  # noqa: E402  (after visualize, which selects the Agg backend)
+from .visualize import close_figure, curves_figure, labelled_heatmap_grid  # noqa: E402
 
 log = logging.getLogger(__name__)
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # its tracebacks: faults are one line (faults.py)
@@ -137,12 +139,44 @@ def ensure_experiment(name: str, uri: str) -> str:
     return experiment_id
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str:
+    """`git <args>` in the package's folder (its checkout); "" when that is not a git checkout."""
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        done = subprocess.run(["git", *args], capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError) as error:
+        log.debug("git %s: %s", " ".join(args), error)
+        return ""
+    if done.returncode:
+        log.debug("git %s in %s: %s", " ".join(args), Path(__file__).parent, done.stderr.strip())
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+@functools.lru_cache(maxsize=1)
+def git_commit() -> str:
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def program() -> str:
+    """What started this process: `fastflow sweep`, `pytest`, `chaos.py`, ... (spawned workers inherit argv)."""
+    argv = sys.argv or [""]
+    path = Path(argv[0])
+    if path.name == "fastflow" and len(argv) > 1:
+        return f"fastflow {argv[1]}"
+    if path.name in ("", "-c"):
+        return "python"
+    return path.parent.name if path.name == "__main__.py" else path.name
+
+
+@functools.lru_cache(maxsize=1)
+def lineage_tags() -> dict[str, str]:
+    """MLflow's source tags (the runs table's Source and Version columns, the run page's Source) and `git_commit`:
+    the command and the commit that produced a run, marked when the checkout had uncommitted changes."""
+    commit = git_commit()
+    tags = {"git_commit": commit, "mlflow.source.type": "LOCAL", "mlflow.source.name": program()}
+    if commit != "unknown":
+        dirty = " (uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else ""
+        tags.update({"mlflow.source.git.commit": commit, "mlflow.source.name": f"{program()} @ {commit[:7]}{dirty}"})
+    return tags
 
 
 class MlflowTracker:
@@ -152,6 +186,7 @@ class MlflowTracker:
         self.run_id = run_id
         self.client = MlflowClient()
         self._grids: dict[int, bytes] = {}  # epoch -> PNG of its heatmap grid, for the best epoch at the end
+        self._threshold_source = "stored threshold"  # the run's `threshold_source` tag, named on the heatmap grids
 
     def log_params(self, params: dict) -> None:
         items = [Param(k, redact(str(v))[:6000]) for k, v in params.items()]
@@ -159,6 +194,7 @@ class MlflowTracker:
             self.client.log_batch(self.run_id, params=items[start:start + 100])
 
     def set_tags(self, tags: dict) -> None:
+        self._threshold_source = str(tags.get("threshold_source", self._threshold_source))
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, redact(str(value))[:5000])
 
@@ -170,13 +206,17 @@ class MlflowTracker:
         timestamp = int(1000 * time.time())
         self.client.log_batch(self.run_id, metrics=[Metric(k, v, timestamp, step) for k, v in finite.items()])
 
-    def log_epoch_visuals(self, epoch: int, images, masks, maps, scores=None, labels=None) -> None:
-        """The labelled heatmap grid of `epoch` as image key `heatmaps`, step `epoch`."""
+    def log_epoch_visuals(self, epoch: int, images, masks, maps, scores=None, labels=None, names=None,
+                          threshold=None) -> None:
+        """The labelled heatmap grid of `epoch` (with each row's decision at that epoch's stored `threshold`) as
+        image key `heatmaps`, step `epoch`."""
         if maps is None or len(maps) == 0:
             return
         scores = maps.flatten(1).amax(1).numpy() if scores is None else scores
         labels = (masks.flatten(1).amax(1) > 0).numpy() if labels is None else labels
-        grid = labelled_heatmap_grid(images, masks, maps, scores, labels, f"test images, epoch {epoch}")
+        title = f"test images, epoch {epoch}" + (f"; stored threshold {threshold:.4g} ({self._threshold_source})"
+                                                  if threshold is not None else "")
+        grid = labelled_heatmap_grid(images, masks, maps, scores, labels, title, names=names, threshold=threshold)
         self.client.log_image(self.run_id, grid, key=HEATMAP_KEY, step=epoch)
         buffer = io.BytesIO()
         PILImage.fromarray(grid).save(buffer, format="PNG")
@@ -210,11 +250,13 @@ class MlflowTracker:
         if result.checkpoint:  # how the saved model decides, for the registry's version description
             kind = result.checkpoint["threshold_kind"]
             self.set_tags({"threshold_kind": kind, "threshold": f"{result.checkpoint['thresholds'][kind]:.6g}"})
-        figure = curves_figure(result.history)
+        has_validation = any("eval/val_image_auroc" in row for row in result.history)
+        protocol, ranking = resolve_selection(cfg.eval.selection_metric, has_validation)
+        figure = curves_figure(result.history, result.best_epoch, protocol.name, f"eval/{ranking[0]}")
         try:
             self.client.log_figure(self.run_id, figure, "curves.png")
         finally:
-            pyplot.close(figure)  # pyplot keeps every figure it made: one leaked per run in a long sweep
+            close_figure(figure)  # pyplot keeps every figure it made: one leaked per run in a long sweep
         if result.test_scores:  # per-image test scores at the best epoch: for analysis and the study's reliability
             self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
         if result.pixel_counts is not None:  # the test maps, binned per image: pixel AUROC intervals over seeds
@@ -288,7 +330,7 @@ def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] =
     with store_guard(uri):
         experiment_id = ensure_experiment(cfg.tracking.experiment, uri)
         # tag values must be strings: the REST store (mlflow server) rejects ints/floats that sqlite stores accept
-        all_tags = {"git_commit": git_commit(), **owner_tags(),
+        all_tags = {**lineage_tags(), **owner_tags(),
                     **{key: redact(str(value)) for key, value in (tags or {}).items()}}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -372,7 +414,7 @@ def start_parent_run(experiment: str, study_name: str, tags: dict, run_id: Optio
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=study_name,
-                                   tags={"role": "study", "study": study_name, "git_commit": git_commit()}).info.run_id
+                                   tags={"role": "study", "study": study_name, **lineage_tags()}).info.run_id
     for key, value in {**tags, **owner_tags()}.items():  # reopened: this process owns it now
         client.set_tag(run_id, key, redact(str(value)))
     return run_id
@@ -388,12 +430,43 @@ def finish_parent_run(run_id: str, figures: dict, metrics: dict[str, float], sta
         try:
             client.log_figure(run_id, figure, f"study/{name}")
         finally:
-            pyplot.close(figure)
+            close_figure(figure)
     if page:
         client.log_text(run_id, page, STUDY_PAGE)
     if metrics:
         MlflowTracker(run_id).log_metrics(metrics, step=0)
     end_run(run_id, status)
+
+
+NOTE_TAG = "mlflow.note.content"  # a run's description: markdown at the top of its Overview
+
+
+def set_descriptions(notes: dict[str, str]) -> None:
+    """Set the description of each run id in `notes` (markdown; MLflow keeps 8000 characters)."""
+    client = MlflowClient()
+    for run_id, text in notes.items():
+        client.set_tag(run_id, NOTE_TAG, redact(text))
+
+
+def log_new_params(run_id: str, params: dict[str, str]) -> None:
+    """Log the params the run does not have yet (params never change: a resumed study whose settings differ keeps
+    the first values and says so in the log)."""
+    client = MlflowClient()
+    logged = client.get_run(run_id).data.params
+    for key, value in params.items():
+        if key in logged and logged[key] != redact(str(value))[:6000]:
+            log.warning("param %s stays %r on run %s (this invocation: %r)", key, logged[key], run_id, value)
+    MlflowTracker(run_id).log_params({k: v for k, v in params.items() if k not in logged})
+
+
+def server_url() -> str:
+    """The tracking server's web address (no credentials) when runs go to one, else ""."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return ""
+    scheme, rest = uri.split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme}://{host.rsplit('@', 1)[-1]}" + (f"/{path}".rstrip("/") if path else "")
 
 
 def child_run_summaries(parent_run_id: str) -> dict[str, dict]:
@@ -509,7 +582,7 @@ def log_report_run(experiment: str, files: list[Path], metrics: dict[str, float]
     experiment_id = ensure_experiment(experiment, tracking_uri(uri))
     client = MlflowClient()
     run_id = client.create_run(experiment_id, run_name="report",
-                               tags={"role": "report", "git_commit": git_commit(), **owner_tags()}).info.run_id
+                               tags={"role": "report", **lineage_tags(), **owner_tags()}).info.run_id
     for path in files:
         client.log_artifact(run_id, str(path), "report")
     MlflowTracker(run_id).log_metrics(metrics, step=0)
@@ -534,7 +607,7 @@ def trial_runs(experiment: str, study_name: str, trial_number: int) -> list:
 def record_lost_run(experiment: str, run_name: str, parent_run_id: str, tags: dict, error: str) -> str:
     """A FAILED run standing for a trial whose worker died before creating its own run (one run per trial)."""
     experiment_id = ensure_experiment(experiment, tracking_uri())
-    all_tags = {"git_commit": git_commit(), "mlflow.parentRunId": parent_run_id,
+    all_tags = {**lineage_tags(), "mlflow.parentRunId": parent_run_id,
                 **{key: redact(str(value)) for key, value in tags.items()}}
     run_id = MlflowClient().create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
     end_run(run_id, "FAILED", error)

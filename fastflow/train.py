@@ -50,7 +50,8 @@ class Tracker(Protocol):
     def log_params(self, params: dict) -> None: ...
     def set_tags(self, tags: dict) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_epoch_visuals(self, epoch: int, images, masks, maps, scores=None, labels=None) -> None: ...
+    def log_epoch_visuals(self, epoch: int, images, masks, maps, scores=None, labels=None, names=None,
+                          threshold=None) -> None: ...
     def log_dataset(self, name: str, digest: str, source: str, split_sizes: dict[str, int]) -> None: ...
     def log_final(self, result: "TrainResult", cfg: RunConfig) -> None: ...
 
@@ -232,7 +233,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                     "looks like from them alone; MVTec AD categories have 60-400", len(splits.train),
                     "" if len(splits.train) == 1 else "s", cfg.data.root, cfg.data.category, len(splits.validation))
     protocol, ranking = resolve_selection(cfg.eval.selection_metric, bool(splits.validation))
-    _, threshold_source = resolve_threshold(cfg.eval.threshold, bool(splits.validation), cfg.eval.val_quantile)
+    threshold_kind, threshold_source = resolve_threshold(cfg.eval.threshold, bool(splits.validation),
+                                                         cfg.eval.val_quantile)
     if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:
         raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.score_norm={cfg.model.score_norm} / "
                          f"model.image_score={cfg.model.image_score} need statistics of held-out normals: "
@@ -261,6 +263,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
+    test_names = [f"{s.defect}/{Path(s.image).name}" for s in splits.test]
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
                          selection_protocol=protocol.label, threshold_source=threshold_source)
     best_key, train_seconds = None, 0.0
@@ -295,12 +298,13 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                 result.best_epoch = epoch
                 result.best_metrics = {**metrics, **best_intervals(evaluation, validation, result.pixel_counts)}
                 result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation, validation, stats)
-                result.test_scores = {"images": [f"{s.defect}/{Path(s.image).name}" for s in splits.test],
+                result.test_scores = {"images": test_names,
                                       "labels": evaluation.labels.tolist(), "scores": evaluation.scores.tolist()}
             if tracker is not None:
                 tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
                                           encoded.test.masks[shown], evaluation.shown_maps,
-                                          evaluation.scores[shown], evaluation.labels[shown])
+                                          evaluation.scores[shown], evaluation.labels[shown], [test_names[i] for i in shown],
+                                          thresholds(cfg, evaluation, validation)[threshold_kind])
         result.history.append({"epoch": epoch, **metrics})
         if tracker is not None:
             tracker.log_metrics(metrics, step=epoch)
@@ -363,18 +367,24 @@ def epoch_fidelity(history: list[dict[str, float]], best_epoch: int, test_scores
     return replace(figures, test_reliability=split_half_reliability(test_labels, [test_scores[e] for e in epochs]))
 
 
+def thresholds(cfg: RunConfig, evaluation, validation) -> dict[str, float]:
+    """The decision thresholds of an evaluated epoch: `f1` (F1-max on test labels) and, with held-out normals,
+    `val_quantile` (the `eval.val_quantile` quantile of their scores)."""
+    values = {"f1": evaluation.metrics["f1_threshold"]}
+    if validation is not None:
+        values["val_quantile"] = float(np.quantile(validation.normal_scores(), cfg.eval.val_quantile))
+    return values
+
+
 def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation,
                     stats: Optional[NormalStats] = None) -> dict:
     """Everything `predict` needs without the YAML: config, weights, thresholds (and the stored one's source),
     score range (from the validation set when there is one, so nothing of the test set is stored), and the
     held-out normal statistics the scores were standardised with."""
-    thresholds = {"f1": evaluation.metrics["f1_threshold"]}
-    if validation is not None:
-        thresholds["val_quantile"] = float(np.quantile(validation.normal_scores(), cfg.eval.val_quantile))
     kind, source = resolve_threshold(cfg.eval.threshold, validation is not None, cfg.eval.val_quantile)
     scores = validation.scores if validation is not None else evaluation.scores
     return {"config": redact_values(to_dict(cfg)), "state_dict": trainable_state(model), "epoch": epoch,
-            "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds,
+            "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds(cfg, evaluation, validation),
             "threshold_kind": kind, "threshold_source": source,
             "score_range": [float(scores.min()), float(scores.max())],
             "normal_stats": stats.to_dict() if stats is not None else None, "format": 1}

@@ -79,6 +79,16 @@ def _restore_mlflow_tracking_uri():
         sys.modules["mlflow"].set_tracking_uri(before)
 
 
+@pytest.fixture(autouse=True)
+def _restore_sys_path():
+    """Undo `mlflow.pyfunc.load_model`'s prepending of a logged model's `code/` folder to sys.path: sweep workers are
+    spawned with the parent's sys.path and would import that copy of `fastflow`, outside the git checkout (their
+    runs then lost their commit in the source tags)."""
+    before = list(sys.path)
+    yield
+    sys.path[:] = before
+
+
 @pytest.fixture
 def tiny_mvtec(tmp_path: Path) -> Path:
     """The category folder `<tmp>/data/widget` (root = `.parent`, category = `.name`).

@@ -22,7 +22,8 @@ from sklearn.metrics import roc_auc_score
 
 from fastflow import cli
 from fastflow.config import ConfigError
-from fastflow.protocol import LEAK_FREE, PAPER
+from fastflow.metrics import interval_keys
+from fastflow.protocol import LEAK_FREE, PAPER, RANKED_METRICS
 from fastflow.registry import CHAMPION, model_name, promote
 from fastflow.selection import split_half_reliability
 from fastflow.space import load_space
@@ -139,10 +140,12 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     complete = [t.number for t in sorted(study.trials, key=lambda t: tuple(-v for v in trial_rank(t, PAPER)))
                 if t.state == TrialState.COMPLETE]
     assert order[:len(complete)] == complete
-    for run in children:
+    for run in children:  # run names and plain run ids (no link can open inside MLflow's sandboxed viewer)
         assert f'data-run="{run.info.run_id}"' in rows and run.info.run_name in rows
+        assert f'<code class="id">{run.info.run_id}</code>' in rows
+    assert "href=" not in rows  # links only where the page is opened outside the viewer with a known server
     assert rows.count(">pruned") == sum(t.state == TrialState.PRUNED for t in study.trials)
-    assert "leak-free" in rows and "test set (paper protocol)" in rows and "model.flow_steps" in rows
+    assert "leak-free image AUROC" in rows and "test image AUROC" in rows and "model.flow_steps" in rows
     assert page.count("data:image/png;base64,") >= 2  # the champion's heatmaps and the study figures, inlined
 
     champion = client.get_model_version_by_alias(model_name("synthetic"), CHAMPION)
@@ -183,8 +186,21 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     expected = split_half_reliability(scores[0]["labels"], [s["scores"] for s in scores])
     assert ("fidelity/test_reliability" in parent_metrics) == math.isfinite(expected)
     assert parent_metrics.get("fidelity/test_reliability", 0.0) == pytest.approx(0.0 if math.isnan(expected) else expected)
-    assert champion.tags["selection_protocol"] == LEAK_FREE.label
-    assert champion.tags["threshold_source"] == "leak-free: quantile 0.99 of held-out normal scores"
+    # version tags: only what @champion is ranked by (the description says the rest)
+    assert set(champion.tags) == {"metric", *(f"best/{k}" for k in RANKED_METRICS)}
+    assert "validation/good" in description  # where the held-out normals came from
+    check_descriptions(client, result, study, order, champion)
+    for run in [parent, *children]:  # the runs table's Source and Version columns
+        check_source_tags(run.data.tags)
+    best_metrics = client.get_run(champion.run_id).data.metrics
+    for name in ("image_auroc", "pixel_auroc", "val_image_auroc"):  # the terminal summary's AUROCs: with intervals
+        value, bounds = interval(best_metrics, name).split(" ", 1)
+        assert re.search(rf"{name} +{re.escape(value)} +{re.escape(bounds)}", summary), summary
+    params = parent.data.params  # the search space and the study's settings
+    assert params["space.model.flow_steps"] == "int 2..4 step 2" and params["space.preset"] == "one of efficientnet_lite0"
+    assert params["space.train.lr"] == "float 0.0005..0.002 log" and params["fixed.train.epochs"] == "2"
+    assert params["study.objective"] == f"maximize val_image_auroc ({LEAK_FREE.label})"
+    assert params["study.pruner"] == "median" and params["study.name"] == result.study_name
 
     # re-running the same command resumes the study: more trials, same parent run
     again = run_sweep(SweepSettings(**{**settings.__dict__, "trials": 1, "workers": 1}))
@@ -194,6 +210,56 @@ def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
 
 
 @pytest.mark.slow  # `make test` keeps test_safety's diverging-lr line and test_faults' closed trials
+def interval(metrics: dict, name: str) -> str:
+    """`0.812 [0.700, 0.900]`: how the descriptions and the summary print an AUROC with its interval."""
+    low, high = (metrics[f"best/{key}"] for key in interval_keys(name))
+    return f"{metrics[f'best/{name}']:.3f} [{low:.3f}, {high:.3f}]"
+
+
+LINK = r"\[([^\]]+)\]\(#/experiments/(\w+)/runs/(\w+)\?workflowType=machine_learning\)"
+
+
+def check_descriptions(client: MlflowClient, result, study, order: list[int], champion) -> None:
+    """The parent run's description ranks every trial with a working link to its run and names the champion and
+    how to load it; each trial's description gives its rank, objective with interval, state and best epoch."""
+    parent = client.get_run(result.parent_run_id)
+    note = parent.data.tags["mlflow.note.content"]
+    assert len(note) < 8000  # MLflow truncates tag values at 8000 characters
+    links = re.findall(LINK, note)
+    best_link, table = links[0], links[1:]  # the first line names the best trial; then the ranked table
+    assert best_link[2] == champion.run_id
+    for name, experiment_id, run_id in links:  # each link's run exists, in that experiment, under that name
+        run = client.get_run(run_id)
+        assert (run.info.run_name, run.info.experiment_id) == (name, experiment_id)
+    assert [int(client.get_run(run_id).data.tags["trial_number"]) for _, _, run_id in table] == order
+    assert f"#/models/{model_name('synthetic')}/versions/{champion.version}" in note
+    assert f"(#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts/study.html?" in note
+    assert f'mlflow.pyfunc.load_model("models:/{model_name("synthetic")}@champion")' in note
+    assert note.index(interval(client.get_run(champion.run_id).data.metrics, "val_image_auroc")) < note.index("| rank |")
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    parent_link = f"(#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}?workflowType=machine_learning)"
+    for place, number in enumerate(order, start=1):
+        trial = study.trials[number]
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        text = run.data.tags["mlflow.note.content"]
+        assert parent_link in text
+        if trial.state == TrialState.COMPLETE:
+            metrics = run.data.metrics
+            assert f"**Rank {place} of {len(complete)}**" in text
+            assert f"objective `val_image_auroc`: **{interval(metrics, 'val_image_auroc')}**" in text
+            assert f"best epoch {int(metrics['best/epoch'])}" in text and interval(metrics, "image_auroc") in text
+        else:
+            assert text.startswith(f"**pruned at epoch {run.data.tags['pruned_at_epoch']}**") and "not ranked" in text
+
+
+def check_source_tags(tags: dict) -> None:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    assert tags["mlflow.source.type"] == "LOCAL"
+    if commit:  # a git checkout: the commit names the code that produced the run
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"] == commit
+        assert f"@ {commit[:7]}" in tags["mlflow.source.name"]
+
+
 def test_diverging_trial_fails_and_study_continues(stores, synthetic_root):
     tmp = stores["tmp"]
     settings = settings_for(tmp, write_space(tmp, epochs=1), synthetic_root, trials=2)

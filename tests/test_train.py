@@ -23,7 +23,7 @@ from sklearn.metrics import roc_auc_score
 from fastflow import cli
 from fastflow.config import RunConfig, flatten, load_config, replace
 from fastflow.data import ImageDataset, anomaly_spec, make_splits
-from fastflow.tracking import start_run
+from fastflow.tracking import program, start_run
 from fastflow.protocol import LEAK_FREE
 from fastflow.train import NonFiniteLossError, TrainResult, train_and_evaluate
 
@@ -112,6 +112,13 @@ def test_run_params_tags_and_learning(tracked_run) -> None:
     assert tags["threshold_source"] == "leak-free: quantile 0.99 of held-out normal scores"
     losses = [row["train/loss"] for row in result.history]
     assert losses[-1] < losses[0]  # the flow learns on real pixels
+    # lineage for the runs table's Source and Version columns: the command and the commit that produced the run
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.source.name"].startswith(program())
+    if commit:
+        assert tags["mlflow.source.git.commit"] == tags["git_commit"] == commit
+        assert f"{program()} @ {commit[:7]}" in tags["mlflow.source.name"]
 
 
 def test_run_artifacts(tracked_run, tmp_path: Path, synthetic_root: Path) -> None:
