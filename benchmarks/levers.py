@@ -38,7 +38,7 @@ from fastflow.config import load_config  # noqa: E402
 from fastflow.data import anomaly_spec, make_splits, source_of  # noqa: E402
 from fastflow.features import EncodedSplit  # noqa: E402
 from fastflow.model import FastFlow  # noqa: E402
-from fastflow.scoring import cross_fitted, image_nll, normal_stats, score_scales  # noqa: E402
+from fastflow.scoring import cross_fitted, image_nll, normal_stats, off_defect_scores, score_scales  # noqa: E402
 from fastflow.train import encode_splits, seed_everything  # noqa: E402
 
 from per_seed import trained_epochs  # noqa: E402
@@ -152,13 +152,15 @@ def score_epoch(outputs: dict, meta: dict, chosen: list[Variant]) -> list[dict]:
     rows, pixel = [], {}
     for variant in chosen:
         stats = normal_stats([m[normal] for m in val[variant.map]], val["image_nll"][normal])
-        fused, _, test_scores = score_scales(test[variant.map], test["image_nll"], size, variant.map_norm,
-                                             variant.score, meta["topk_fraction"], stats, variant.score_norm)
-        _, val_scores = cross_fitted(val[variant.map], val["image_nll"], normal, sources, size, variant.map_norm,
-                                     variant.score, meta["topk_fraction"], variant.score_norm)
+        fused, read, test_scores = score_scales(test[variant.map], test["image_nll"], size, variant.map_norm,
+                                                variant.score, meta["topk_fraction"], stats, variant.score_norm)
+        off_defect = off_defect_scores(read, meta["test_masks"], variant.score, meta["topk_fraction"])
+        _, _, val_scores = cross_fitted(val[variant.map], val["image_nll"], normal, sources, size, variant.map_norm,
+                                        variant.score, meta["topk_fraction"], variant.score_norm)
         val_scores = val_scores.numpy()
         row = {"variant": variant.name, "key": list(variant.__dict__.values()), "image_auroc": M.image_auroc(test_labels, test_scores.numpy()),
-               "val_image_auroc": M.image_auroc(val_labels.numpy(), val_scores)}
+               "val_image_auroc": M.image_auroc(val_labels.numpy(), val_scores),
+               M.OFF_DEFECT: float("nan") if off_defect is None else M.image_auroc(test_labels, off_defect.numpy())}
         for kind in sorted(set(kinds) - {"good"}):  # validation AUROC of each anomaly type alone
             keep = (kinds == "good") | (kinds == kind)
             row[f"val_{kind}"] = M.image_auroc(val_labels.numpy()[keep], val_scores[keep])
@@ -178,11 +180,12 @@ def scored(dump: Path, chosen: list[Variant]) -> dict:
         meta = torch.load(seed_dir / "meta.pt", weights_only=True)
         for path in sorted(seed_dir.glob("epoch*.pt"), key=lambda p: int(p.stem[5:])):
             key = f"{seed_dir.name}/{path.stem}"
-            done = {r["variant"] for r in cache.get(key, [])}
+            done = {r["variant"] for r in cache.get(key, []) if M.OFF_DEFECT in r}  # rows of every current column
             todo = [v for v in chosen if v.name not in done]
             if todo:
                 outputs = torch.load(path, weights_only=True)
-                cache[key] = cache.get(key, []) + [{**r, "loss": outputs["loss"]} for r in score_epoch(outputs, meta, todo)]
+                kept = [r for r in cache.get(key, []) if r["variant"] not in {v.name for v in todo}]
+                cache[key] = kept + [{**r, "loss": outputs["loss"]} for r in score_epoch(outputs, meta, todo)]
                 cache_path.write_text(json.dumps(cache))
     result: dict = defaultdict(dict)
     for key, rows in cache.items():
@@ -223,6 +226,7 @@ def summary(result: dict, variant: str, rule_metric: str = "val_image_auroc", co
             cols[f"img {rule}"].append(epochs[epoch][variant]["image_auroc"])
             cols[f"px {rule}"].append(epochs[epoch][variant]["pixel_auroc"])
             cols[f"aupro {rule}"].append(epochs[epoch][variant]["aupro"])
+            cols[f"off {rule}"].append(epochs[epoch][variant].get(M.OFF_DEFECT, float("nan")))
             cols[f"epoch {rule}"].append(epoch)
         curve = [epochs[e][variant]["image_auroc"] for e in sorted(epochs)]
         peak = int(np.argmax(curve))
@@ -247,7 +251,7 @@ def table(args: argparse.Namespace) -> None:
         subset = args.rule_metric.removeprefix("val_") if args.rule_metric != "val_image_auroc" else None
         counts = (sum(k != "good" and (subset is None or k == subset) for k in kinds), kinds.count("good"))
         columns = ("img val", "img val-1se", "img last", "img test", "px val", "aupro val", "px val-1se", "fall",
-                   "spearman", "val range")
+                   "spearman", "val range", "off val", "off test")
         print("| variant | " + " | ".join(columns) + " |")
         print("|" + "---|" * (len(columns) + 1))
         for name in sorted(next(iter(next(iter(result.values())).values()))):

@@ -11,7 +11,7 @@ held-out normals excluded), with the same backbone weights, seed and settings, a
 epoch. anomalib has no validation set: like its published numbers (early stopping on the test set) its epoch is the
 test-best one, i.e. the test-set protocol. Timing: each side's training seconds per epoch, measured on the same
 machine in the same process tree (run nothing else heavy meanwhile; compare ratios, not seconds).
-With `--log-mlflow`, anomalib's seeds are logged as runs (tag `implementation`) so `fastflow report` shows them.
+With `--log-mlflow`, both sides' seeds are logged as runs (anomalib's with tag `implementation`) for `fastflow report`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,17 @@ from benchmark import ANOMALIB_VENV, ensure_anomalib_venv, load_split, run_anoma
 IMPLEMENTATION = "anomalib 2.7.0"
 
 
-def our_side(cfg) -> dict:
-    """The project's run: per-epoch test and validation figures, training seconds per epoch, the leak-free epoch."""
+def our_side(cfg, log_mlflow: bool = False) -> dict:
+    """The project's run: per-epoch test and validation figures, training seconds per epoch, the leak-free epoch.
+    With `log_mlflow`, a tracked run like `fastflow train`'s (what `fastflow report` reads)."""
     start = time.perf_counter()
-    result = train_and_evaluate(cfg)
+    if log_mlflow:
+        from fastflow.tracking import start_run
+
+        with start_run(replace(cfg, tracking=replace(cfg.tracking, enabled=True))) as tracker:
+            result = train_and_evaluate(cfg, tracker)
+    else:
+        result = train_and_evaluate(cfg)
     rows = {h["epoch"]: {k: h[f"eval/{k}"] for k in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc")
                          if f"eval/{k}" in h} | {"train_s": h["train/epoch_seconds"]} for h in result.history}
     return {"epochs": rows, "chosen": result.best_epoch, "wall_s": time.perf_counter() - start,
@@ -67,7 +75,8 @@ def anomalib_side(cfg, splits, python: Path, workdir: Path) -> dict:
         rows[epoch] = {"image_auroc": M.image_auroc(labels, scores), "train_s": side["epoch_seconds"][epoch - 1],
                        **{k: v for k, v in M.evaluate(labels, scores, masks[:, 0].numpy(), maps).items()
                           if k in ("pixel_auroc", "aupro")}}
-        rows[epoch]["_scores"], rows[epoch]["_counts"] = scores.tolist(), M.pixel_counts(masks[:, 0].numpy(), maps)
+        rows[epoch]["_scores"] = scores.tolist()
+        rows[epoch]["_counts"] = [c.tolist() for c in M.pixel_counts(masks[:, 0].numpy(), maps)]  # JSON
         path.unlink()
     return {"epochs": rows, "labels": labels.tolist(), "images": [f"{s.defect}/{s.image.name}" for s in splits.test]}
 
@@ -92,7 +101,7 @@ def log_anomalib_runs(cfg, splits, seeds: dict[int, dict]) -> None:
                      history={e: {k: r[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
                               for e, r in side["epochs"].items()},
                      test_scores={"images": side["images"], "labels": side["labels"], "scores": best["_scores"]},
-                     pixel_counts=best["_counts"])
+                     pixel_counts=tuple(np.array(c) for c in best["_counts"]))
 
 
 def fmt(values: list[float]) -> str:
@@ -137,30 +146,42 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/side_by_side"))
+    parser.add_argument("--work", type=Path, default=Path("/tmp/side_by_side"),
+                        help="scratch folder; seeds.json there keeps finished seeds (delete it to start afresh)")
     parser.add_argument("--out", type=Path, required=True, help="markdown table (and <out>.json with the raw rows)")
-    parser.add_argument("--log-mlflow", action="store_true", help="log anomalib's seeds as runs for `fastflow report`")
+    parser.add_argument("--log-mlflow", action="store_true", help="log both sides' seeds as runs for `fastflow report`")
     parser.add_argument("--anomalib-python", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     python = args.anomalib_python or ensure_anomalib_venv(ANOMALIB_VENV)
-    results, cfg, splits = {}, None, None
+    done_path = args.work / "seeds.json"  # each finished seed, so that a stopped run resumes where it stopped
+    done = {int(k): v for k, v in json.loads(done_path.read_text()).items()} if done_path.exists() else {}
+    results = {}
     for seed in args.seeds:
         cfg = load_config(Path(args.preset), [f"data.root={args.root}", f"data.category={args.category}",
                                               f"train.epochs={args.epochs}", f"train.seed={seed}", "eval.eval_every=1",
-                                              "train.num_threads=1", "tracking.enabled=false", *args.set])
+                                              "train.num_threads=1", "tracking.enabled=false",
+                                              f"tracking.run_name=ours-{args.category}-seed{seed}", *args.set])
+        if seed in done:
+            results[seed] = {side: {**r, "epochs": {int(e): row for e, row in r["epochs"].items()}}
+                             for side, r in done[seed].items()}
+            print(f"seed {seed}: already done ({done_path})", flush=True)
+            continue
         splits = make_splits(cfg.data, cfg.train.max_train_images, seed)  # what train_and_evaluate trains on
-        results[seed] = {"ours": our_side(cfg),
+        results[seed] = {"ours": our_side(cfg, args.log_mlflow),
                          "anomalib": anomalib_side(cfg, splits, python, args.work / f"seed{seed}")}
+        if args.log_mlflow:
+            log_anomalib_runs(cfg, splits, {seed: results[seed]["anomalib"]})
+        done[seed] = results[seed]
+        done_path.parent.mkdir(parents=True, exist_ok=True)
+        done_path.write_text(json.dumps(done))
         print(f"seed {seed} done", flush=True)
-    if args.log_mlflow:
-        log_anomalib_runs(cfg, splits, {s: r["anomalib"] for s, r in results.items()})
     text = table(results, args.epochs)
     args.out.write_text(text + "\n")
     raw = {s: {side: {k: v for k, v in r[side].items()} for side in r} for s, r in results.items()}
     for r in raw.values():
-        for row in r["anomalib"]["epochs"].values():
-            row.pop("_scores"), row.pop("_counts")
+        r["anomalib"]["epochs"] = {e: {k: v for k, v in row.items() if not k.startswith("_")}
+                                   for e, row in r["anomalib"]["epochs"].items()}
     args.out.with_suffix(".json").write_text(json.dumps(raw, indent=1))
     print(text)
 

@@ -10,7 +10,7 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -74,6 +74,7 @@ class ModelConfig:
     topk_fraction: float = 0.01
     map_norm: Literal["none", "scale", "position"] = "none"  # standardise per-scale maps by held-out normals
     score_norm: Literal["map", "none", "scale", "position"] = "map"  # the map the image score reads; map: map_norm's
+    score_map: Literal["output", "z2", "nll"] = "output"  # the kind of map the image score reads; output: anomaly_map
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,9 @@ def _check_values(cfg: RunConfig) -> None:
         ("eval.val_quantile", 0 < cfg.eval.val_quantile < 1, "in (0, 1)"),
         ("data.val_severity", 0 <= cfg.data.val_severity[0] <= cfg.data.val_severity[1] <= 1, "0 <= low <= high <= 1"),
         ("data.val_copies", cfg.data.val_copies >= 1, ">= 1"),
+        ("model.map_norm", cfg.model.map_norm == "none" or cfg.model.score_map in ("output", cfg.model.anomaly_map),
+         "none when model.score_map reads another kind of map than model.anomaly_map (held-out statistics are "
+         "taken of the map the score reads)"),
     ]
     if cfg.model.std is not None:
         checks.append(("model.std", all(s > 0 for s in cfg.model.std), "three positive numbers"))

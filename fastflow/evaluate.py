@@ -14,7 +14,8 @@ from .config import RunConfig
 from .data import ImageDataset, Sample, source_of
 from .features import EncodedSplit
 from .loss import nll_loss
-from .scoring import NormalStats, cross_fitted, image_nll, needs_stats, normal_stats, score, score_scales
+from .scoring import (NormalStats, cross_fitted, image_nll, needs_stats, normal_stats, off_defect_scores, score,
+                      score_kind, score_scales)
 
 
 @dataclass
@@ -57,12 +58,19 @@ def heatmap_indices(labels: torch.Tensor, count: int) -> list[int]:
 class FlowOutputs:
     """What the flows give for a split, on the CPU: per-scale maps `[(N,1,h,w)]`, per-scale image NLLs
     `(N, n_scales)`, the mean NLL loss, and the seconds the pass took. Everything a split's scores, its held-out
-    statistics and its leave-one-out scores are computed from: one pass of the flows per split and evaluation."""
+    statistics and its leave-one-out scores are computed from: one pass of the flows per split and evaluation.
+    `score_maps`: per-scale maps of the kind the image score reads, when it is not the output map's
+    (`model.score_map`); held-out statistics are then theirs."""
 
     maps: list[torch.Tensor]
     nll: torch.Tensor
     loss: float
     seconds: float
+    score_maps: list[torch.Tensor] | None = None
+
+    def read_maps(self) -> list[torch.Tensor]:
+        """The per-scale maps the image score reads."""
+        return self.score_maps if self.score_maps is not None else self.maps
 
 
 @torch.inference_mode()
@@ -72,51 +80,58 @@ def flow_outputs(model, split: EncodedSplit, cfg: RunConfig, device: torch.devic
     start = time.perf_counter()
     model.eval()
     rows = torch.arange(len(split)) if rows is None else rows
-    maps, nll, loss_sum = [], [], 0.0
+    other = score_kind(cfg.model.anomaly_map, cfg.model.score_map)
+    maps, score_maps, nll, loss_sum = [], [], [], 0.0
     for first in range(0, len(rows), cfg.eval.batch_size):
         batch = rows[first:first + cfg.eval.batch_size]
         latents, log_jacs = model.forward_features(split.batch(batch, device))
         loss_sum += nll_loss(latents, log_jacs).item() * len(batch)
         maps.append([m.cpu() for m in scale_maps(cfg.model.anomaly_map, latents, log_jacs)])
+        if other:
+            score_maps.append([m.cpu() for m in scale_maps(other, latents, log_jacs)])
         nll.append(image_nll(latents, log_jacs).cpu())
-    return FlowOutputs([torch.cat(scale) for scale in zip(*maps)], torch.cat(nll), loss_sum / max(len(rows), 1),
-                       time.perf_counter() - start)
+    join = lambda batches: [torch.cat(scale) for scale in zip(*batches)]
+    return FlowOutputs(join(maps), torch.cat(nll), loss_sum / max(len(rows), 1), time.perf_counter() - start,
+                       join(score_maps) if other else None)
 
 
 def held_out_stats(outputs: FlowOutputs, labels: torch.Tensor) -> NormalStats:
     """Statistics of the normal rows (label 0) of a validation split's outputs: held-out normals, never test images."""
     normal = torch.nonzero(labels == 0).flatten()
-    return normal_stats([m[normal] for m in outputs.maps], outputs.nll[normal])
+    return normal_stats([m[normal] for m in outputs.read_maps()], outputs.nll[normal])
 
 
 def score_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, stats: NormalStats | None = None,
-                  cross_fit: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(anomaly maps `(N,1,S,S)`, image scores `(N,)`) standardised with `stats`; with `cross_fit` (a validation
-    split, whose normals the statistics come from) each row with the statistics of the other held-out normals
-    (`scoring.cross_fitted`, when there are at least two)."""
+                  cross_fit: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(anomaly maps `(N,1,S,S)`, the maps the image scores read, image scores `(N,)`) standardised with `stats`;
+    with `cross_fit` (a validation split, whose normals the statistics come from) each row with the statistics of
+    the other held-out normals (`scoring.cross_fitted`, when there are at least two)."""
     m = cfg.model
     size = (m.input_size, m.input_size)
     normal = torch.nonzero(split.labels == 0).flatten()
     if cross_fit and stats is not None and len(normal) >= 2:
         source = torch.tensor([source_of(row, len(normal)) for row in range(len(split))])
         return cross_fitted(outputs.maps, outputs.nll, normal, source, size, m.map_norm, m.image_score,
-                            m.topk_fraction, m.score_norm)
-    maps, _, scores = score_scales(outputs.maps, outputs.nll, size, m.map_norm, m.image_score, m.topk_fraction,
-                                   stats, m.score_norm)
-    return maps, scores
+                            m.topk_fraction, m.score_norm, outputs.score_maps)
+    return score_scales(outputs.maps, outputs.nll, size, m.map_norm, m.image_score, m.topk_fraction, stats,
+                        m.score_norm, outputs.score_maps)
 
 
 def evaluate_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, stats: NormalStats | None = None,
                      cross_fit: bool = False, keep_maps: list[int] | None = None,
                      pixel_metrics: bool = True) -> Evaluation:
-    """Scores, maps and metrics of `split` from its flow outputs (`score_outputs`)."""
+    """Scores, maps and metrics of `split` from its flow outputs (`score_outputs`); with `pixel_metrics` and defect
+    masks, also the image AUROC with the defect regions left out (`M.OFF_DEFECT`, a diagnostic)."""
     start = time.perf_counter()
-    maps, scores = score_outputs(outputs, split, cfg, stats, cross_fit)
+    maps, scored, scores = score_outputs(outputs, split, cfg, stats, cross_fit)
     scores = scores.numpy()
     images_per_s = len(split) / (outputs.seconds + time.perf_counter() - start)
     labels = split.labels.numpy()
     if pixel_metrics:
         values = M.evaluate(labels, scores, split.masks[:, 0].numpy(), maps[:, 0].numpy(), cfg.eval.aupro_fpr_limit)
+        off_defect = off_defect_scores(scored, split.masks, cfg.model.image_score, cfg.model.topk_fraction)
+        if off_defect is not None and bool(split.masks.any()):
+            values[M.OFF_DEFECT] = M.image_auroc(labels, off_defect.numpy())
     else:
         values = {"image_auroc": M.image_auroc(labels, scores)}
     shown = keep_maps or []
@@ -166,7 +181,8 @@ def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torc
     start = time.perf_counter()
     latents, log_jacs = model(images)
     m = cfg.model
-    score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, stats, m.score_norm)
+    score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, stats, m.score_norm,
+          m.score_map)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - start)

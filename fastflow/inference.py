@@ -88,7 +88,7 @@ class Predictor(torch.nn.Module):
         size = (images.shape[-2], images.shape[-1])
         m = self.cfg.model
         return score_with_map(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction,
-                              self.stats, m.score_norm)
+                              self.stats, m.score_norm, m.score_map)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""

@@ -14,10 +14,14 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 __all__ = ["image_auroc", "pixel_auroc", "aupro", "f1_max", "evaluate", "image_auroc_interval",
            "pixel_auroc_interval", "pixel_counts", "pixel_auroc_interval_of_counts", "INTERVAL_LEVEL",
-           "INTERVAL_METRICS", "interval_keys"]
+           "INTERVAL_METRICS", "interval_keys", "OFF_DEFECT"]
 
 INTERVAL_LEVEL = 0.95  # the confidence level of every interval the harness prints or logs
 INTERVAL_METRICS = ("image_auroc", "pixel_auroc", "val_image_auroc")  # the AUROCs each run logs an interval of
+# A diagnostic, never a selection metric: the image AUROC with each defective image scored with its defect region
+# left out (`scoring.off_defect_scores`). Near the image AUROC: the score ranks images by what lies off the defects
+# (lighting, texture, position), not by the defects; near or under 0.5: it detects the defects.
+OFF_DEFECT = "off_defect_image_auroc"
 
 
 def interval_keys(metric: str) -> tuple[str, str]:

@@ -288,7 +288,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                 metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg,
                                                      device, epoch))
             if validation is not None:
-                metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")})
+                metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro",
+                                                                                 M.OFF_DEFECT) if k in validation.metrics})
                 metrics["eval/val_loss"] = validation.loss
             metrics["eval/images_per_s"] = evaluation.images_per_s
             key = names_key(metrics, ranking, "eval/")

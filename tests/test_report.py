@@ -133,7 +133,7 @@ def test_each_row_is_chosen_by_its_own_protocol(store, tmp_path: Path) -> None:
     run(leak_free, {"best/val_image_auroc": 1.0, "best/val_pixel_auroc": 0.90, "best/image_auroc": 0.99})
     chosen_lf = run(leak_free, {"best/val_image_auroc": 1.0, "best/val_pixel_auroc": 0.95, "best/image_auroc": 0.80,
                                 "fidelity/spearman": 0.6, "fidelity/optimism": 0.05, "fidelity/points": 10,
-                                "fidelity/test_reliability": -0.2})
+                                "fidelity/test_reliability": -0.2, "best/off_defect_image_auroc": 0.78})
     run(leak_free, {"best/val_image_auroc": 0.9, "best/val_pixel_auroc": 0.99, "best/image_auroc": 1.0})
     run(paper, {"best/image_auroc": 0.97, "best/pixel_auroc": 0.99, "best/val_image_auroc": 1.0})
     chosen_paper = run(paper, {"best/image_auroc": 0.98, "best/pixel_auroc": 0.90, "best/val_image_auroc": 0.7})
@@ -149,10 +149,11 @@ def test_each_row_is_chosen_by_its_own_protocol(store, tmp_path: Path) -> None:
     assert {(r.protocol, r.run_id) for r in result.rows} == {("leak-free", chosen_lf), ("test-set", chosen_paper)}
     row = next(r for r in result.rows if r.protocol == "leak-free")
     assert row.ours["image_auroc"] == 0.80 and row.validation["val_pixel_auroc"] == 0.95
-    assert row.fidelity == {"spearman": 0.6, "optimism": 0.05, "points": 10, "test_reliability": -0.2}
+    assert row.fidelity == {"spearman": 0.6, "optimism": 0.05, "points": 10, "test_reliability": -0.2,
+                            "off_defect": 0.78}
     markdown = (tmp_path / "protocols" / "paper_gap.md").read_text()
     assert "| bottle | resnet18 | 1 | 0.800 | 1.000 | 1.000 | 1.000 (resnet18) | -0.200 |" in markdown
-    assert "| 1.000 | 0.950 | +0.600 | 0.050 | -0.200 | - | leak-free |" in markdown
+    assert "| 1.000 | 0.950 | +0.600 | 0.050 | -0.200 | 0.780 | - | leak-free |" in markdown
     assert "| bottle | resnet18 | 1 | 0.980 |" in markdown and "| test-set |" in markdown
     assert "## Studies: selection fidelity" in markdown
     assert f"| fastflow-bottle-demo | bottle | {LEAK_FREE.label} | 8 | +0.550 | 0.020 | +0.700 |" in markdown

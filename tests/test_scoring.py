@@ -93,6 +93,28 @@ def test_score_norm_standardises_the_score_but_not_the_map() -> None:
     assert raw_score.argmax() == 0 and scores.argmax() == 1  # the score discounts the normal border
 
 
+def test_score_map_reads_another_kind_of_map_than_the_output() -> None:
+    """`score_map: z2` with an NLL output map: the map stays the NLL map, the score is the max of the
+    position-standardised z2 map, and the held-out statistics are the z2 map's."""
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(6, 4, 8, 8, generator=g), torch.randn(6, 4, 4, 4, generator=g)]
+    log_jacs = [torch.randn(6, 8, 8, generator=g), torch.randn(6, 4, 4, generator=g)]
+    size = (8, 8)
+    z2 = scale_maps("z2", latents, log_jacs)
+    stats = normal_stats([m[:3] for m in z2], torch.zeros(3, 2))
+    fused, scores = score(latents, log_jacs, size, "nll", "none", "max", stats=stats, score_norm="position",
+                          score_map="z2")
+    nll_map, _ = score(latents, log_jacs, size, "nll", "none", "max")
+    z2_map, z2_scores = score(latents, log_jacs, size, "z2", "none", "max", stats=stats, score_norm="position")
+    assert torch.allclose(fused, nll_map)  # the output map is the NLL map
+    assert torch.allclose(scores, z2_scores)  # the score reads the standardised z2 map
+    assert not torch.allclose(scores, score(latents, log_jacs, size, "nll", "none", "max", stats=stats,
+                                            score_norm="position")[1])
+    with pytest.raises(ConfigError, match="model.map_norm='position' is invalid; expected none when model.score_map"):
+        from fastflow.config import load_config
+        load_config(None, ["model.anomaly_map=nll", "model.score_map=z2", "model.map_norm=position"])
+
+
 def test_image_nll_and_its_scale_balanced_z_score() -> None:
     maps, nll = _normals()
     stats = normal_stats(maps, nll)
@@ -185,7 +207,7 @@ def test_cross_fitted_scores_each_row_without_its_own_image() -> None:
     nll = torch.zeros(12, 1)
     normal, source = torch.arange(6), torch.arange(12) % 6
     size, options = (8, 8), dict(map_norm="none", image_mode="max", score_norm="position")
-    maps, scores = cross_fitted(per_scale, nll, normal, source, size, **options)
+    maps, scored, scores = cross_fitted(per_scale, nll, normal, source, size, **options)
     in_sample = score_scales(per_scale, nll, size, stats=normal_stats([normals], nll[:6]), **options)[2]
     assert scores[0] > 2 * in_sample[0]  # the spike, no longer hidden by its own statistics
     for row in (0, 3, 9):  # each row equals scoring it with the statistics of the other normals
@@ -194,6 +216,7 @@ def test_cross_fitted_scores_each_row_without_its_own_image() -> None:
                                 stats=normal_stats([normals[others]], nll[others]), **options)[2]
         assert float(scores[row]) == pytest.approx(float(expected[0]))
     assert torch.equal(maps, per_scale[0])  # map_norm none: the output map is the raw map
+    assert torch.equal(scored.flatten(1).max(dim=1).values, scores)  # the map the max score reads, returned with it
     with pytest.raises(ValueError, match="at least 2 held-out normal"):
         cross_fitted(per_scale, nll, normal[:1], torch.zeros(12, dtype=torch.long), size, **options)
 
@@ -217,9 +240,11 @@ REAL = ("train.epochs=2", "train.batch_size=8", "model.flow_steps=2", "tracking.
     ("model.map_norm=scale", "model.image_score=topk"),
     ("model.map_norm=position",),
     ("model.score_norm=position", "model.anomaly_map=nll"),
+    ("model.score_norm=position", "model.anomaly_map=nll", "model.score_map=z2"),
     ("train.ema_halflife=1", "eval.weights=ema", "model.map_norm=scale"),
 ])
-def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_root: Path, options) -> None:
+def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_root: Path, tmp_path: Path,
+                                                        options) -> None:
     cfg = make_config(*REAL, *options)
     result = train_and_evaluate(cfg)
     for row in result.history:
@@ -248,6 +273,14 @@ def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_r
         assert [scores.min(), scores.max()] == pytest.approx(result.checkpoint["score_range"], rel=1e-4, abs=1e-4)
     if cfg.model.image_score == "max":  # predict's masks read the map the score reads: flagged iff a pixel is
         assert np.array_equal(predictions.is_anomalous, predictions.maps.max(axis=(1, 2)) >= predictor.threshold)
+    if cfg.model.score_map != "output":  # the exported graph computes both kinds of map
+        export_predictor(predictor, "onnx", tmp_path / "two_maps.onnx", check=False)
+        images = torch.stack([test[i][0] for i in range(4)])
+        with torch.no_grad():
+            maps, scores = predictor(images)
+        got_maps, got_scores = run_exported(tmp_path / "two_maps.onnx", "onnx", images.numpy())
+        assert np.abs(got_maps - maps.numpy()).max() < 1e-3 * max(1.0, float(maps.abs().max()))
+        assert np.abs(got_scores - scores.numpy()).max() < 1e-3 * max(1.0, float(scores.abs().max()))
 
 
 def test_ema_alongside_raw_and_onnx_with_normal_stats(make_config, tmp_path: Path) -> None:
@@ -288,10 +321,36 @@ def test_offline_space_combinations_are_valid_configs() -> None:
 
     repo = Path(__file__).resolve().parents[1]
     space = load_space(repo / "sweeps" / "offline.yaml")
-    assert {"model.image_score", "model.map_norm", "eval.weights"} <= set(space.params)
+    assert {"model.image_score", "model.score_map", "eval.weights"} <= set(space.params)
     names = [n for n, d in space.params.items() if d.kind == "categorical"]
     fixed = {n: d.low for n, d in space.params.items() if d.kind != "categorical"}
     fixed = {n: int(v) if space.params[n].kind == "int" else v for n, v in fixed.items()}
     for values in itertools.product(*(space.params[n].choices for n in names)):
         cfg = space.trial_config({**fixed, **dict(zip(names, values))}, "tire", "data")
         assert cfg.eval.weights == "raw" or cfg.train.ema_halflife > 0
+
+
+@pytest.mark.parametrize("image_mode", ["max", "topk", "mean"])
+def test_off_defect_scores_tell_a_detected_defect_from_a_difference_off_the_defects(image_mode) -> None:
+    """Defective images whose score comes from a bump inside their mask: left out, they score as normals do
+    (off-defect AUROC near 0.5). Defective images that are brighter everywhere but inside their mask score as
+    high with the defect left out (off-defect AUROC stays at the image AUROC): the score ranks something else."""
+    from fastflow.metrics import image_auroc
+    from fastflow.scoring import off_defect_scores
+
+    g = torch.Generator().manual_seed(0)
+    n, size = 40, 32
+    labels = np.array([0] * n + [1] * n)
+    masks = torch.zeros(2 * n, 1, size, size, dtype=torch.bool)
+    masks[n:, :, 10:14, 12:16] = True
+    normal = torch.randn(n, 1, size, size, generator=g)
+    bumped = torch.randn(n, 1, size, size, generator=g) + 6.0 * masks[n:].float()
+    brighter = torch.randn(n, 1, size, size, generator=g) + 1.5
+    for defective, expected_off in ((bumped, (0.3, 0.7)), (brighter, (0.95, 1.0))):
+        maps = torch.cat([normal, defective])
+        on = image_score(maps, image_mode, topk_fraction=0.02)
+        off = off_defect_scores(maps, masks, image_mode, topk_fraction=0.02, margin=2 / size)
+        assert image_auroc(labels, on.numpy()) > 0.95
+        assert expected_off[0] <= image_auroc(labels, off.numpy()) <= expected_off[1]
+        assert torch.equal(off[:n], on[:n])  # images without a defect keep their score
+    assert off_defect_scores(maps, masks, "nll_z") is None  # a whole-image likelihood leaves nothing out
