@@ -408,6 +408,16 @@ def _offline_sweep(stores: dict, *args: str) -> tuple[int, list[str], str, float
     return process.returncode, (first + rest).splitlines(), error, seconds
 
 
+def _notice_limit(stores: dict) -> float:
+    """Seconds allowed until the one-line answer: 30 (the issue's bound), or, on a machine so loaded that merely
+    importing what the answer needs (torch, timm, the package) takes longer, that import time plus 20 s; a wait
+    for the network (the bug: minutes per trial) exceeds both."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(stores["tmp"] / "hf")}
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import fastflow.cli, fastflow.space"], cwd=REPO, env=env, check=True)
+    return max(30.0, time.monotonic() - start + 20.0)
+
+
 def test_offline_headline_sweep_falls_back_to_the_offline_space_in_one_line(stores, tiny_mvtec):
     """`make sweep CATEGORY=...` (no SPACE) offline: first a notice naming sweeps/offline.yaml (the issue asks for
     it within 30 s), no traceback, and the study is the offline space's."""
@@ -416,7 +426,7 @@ def test_offline_headline_sweep_falls_back_to_the_offline_space_in_one_line(stor
     assert code == 0, error[-2000:]
     assert out[0].startswith("note: ImageNet weights for") and "sweeping sweeps/offline.yaml instead" in out[0]
     assert "Traceback" not in "\n".join(out) + error
-    assert seconds < 30
+    assert seconds < _notice_limit(stores)
     assert optuna.get_all_study_names(os.environ["OPTUNA_STORAGE"]) == [f"fastflow-{tiny_mvtec.name}-offline"]
 
 
@@ -426,5 +436,5 @@ def test_offline_sweep_of_a_named_imagenet_space_stops_in_one_line_before_any_tr
     assert code == 2 and out == []
     lines = error.strip().splitlines()
     assert len(lines) == 1 and "SPACE=sweeps/offline.yaml" in lines[0] and "sweeps/default.yaml" in lines[0], lines
-    assert seconds < 30
+    assert seconds < _notice_limit(stores)
     assert not (stores["tmp"] / "optuna.db").exists()  # no study, no run: nothing was started

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -21,7 +22,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from fastflow import cli
-from fastflow.config import RunConfig, flatten, load_config, replace
+from fastflow.config import RunConfig, flatten, load_config
 from fastflow.data import ImageDataset, anomaly_spec, make_splits
 from fastflow.tracking import program, start_run
 from fastflow.protocol import LEAK_FREE
