@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fastflow import metrics as M  # noqa: E402
 from fastflow.backbone import full_model_state  # noqa: E402
 from fastflow.config import flatten, load_config  # noqa: E402
-from fastflow.data import content_hash, make_splits  # noqa: E402
+from fastflow.data import dataset_hash, make_splits  # noqa: E402
 from fastflow.protocol import LEAK_FREE, PAPER  # noqa: E402
 from fastflow.train import train_and_evaluate  # noqa: E402
 
@@ -93,7 +93,7 @@ def log_anomalib_runs(cfg, splits, seeds: dict[int, dict]) -> None:
         log_peer_run(cfg.tracking.experiment, f"anomalib-{cfg.data.category}-seed{seed}",
                      tags={"category": cfg.data.category, "backbone": cfg.model.backbone,
                            "implementation": IMPLEMENTATION, "selection_metric": PAPER.metric,
-                           "selection_protocol": PAPER.label, "data_hash": content_hash(splits.train + splits.test)},
+                           "selection_protocol": PAPER.label, "data_hash": dataset_hash(splits.train + splits.validation + splits.test)},
                      params={**params, "train.seed": seed},
                      metrics={"best/epoch": epoch, **{f"best/{k}": best[k] for k in ("image_auroc", "pixel_auroc",
                                                                                        "aupro")},

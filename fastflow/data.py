@@ -152,6 +152,12 @@ def content_hash(samples: list[Sample]) -> str:
     return digest.hexdigest()[:12]
 
 
+def dataset_hash(samples: list[Sample]) -> str:
+    """`content_hash` of the samples in path order: the same files give the same hash however they are split (held-out
+    normals drawn per seed), so runs that differ only in `train.seed` share it (the report's configurations)."""
+    return content_hash(sorted(samples, key=lambda sample: str(sample.image)))
+
+
 # ---------------------------------------------------------------- loading
 
 

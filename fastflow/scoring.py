@@ -7,6 +7,8 @@ Tensors in, tensors out (no I/O). `score(...)` is the one entry that evaluation,
   mean/std of that scale over held-out normal images; `position` with the mean/std of each position (the std
   shrunk half-way to the scale's, as ~30 images give a noisy per-position std). Border positions, where zero
   padding acts, otherwise score high on normal images.
+- `score_map`: the kind of map the image score reads (`output`: the output map's kind; `z2` or `nll`: computed from
+  the same latents), so the score can read the z2 map while the output map stays the NLL map.
 - `image_score`: `max`, `topk` (mean of the top `topk_fraction` of pixels) or `mean` of the fused map;
   `nll`: the image's own negative log-likelihood under each scale's flow (sum over positions, per dimension),
   averaged over scales; `nll_z`: each scale's image NLL standardised by held-out normals, then averaged, so
@@ -156,8 +158,9 @@ def cross_fitted(per_scale: list[torch.Tensor], nll: torch.Tensor, normal: torch
                  size: tuple[int, int], map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
                  score_norm: str = "map", score_per_scale: list[torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(fused maps, the maps the image scores read, image scores) of held-out rows, each row standardised with the statistics of the held-out
-    normals other than its source image (`source[r]`, an index into the rows; `normal`: the normal rows).
+    """(fused maps, the maps the image scores read, image scores) of held-out rows, each row standardised with the
+    statistics of the held-out normals other than its source image (`source[r]`, an index into the rows;
+    `normal`: the normal rows).
 
     Scored with statistics that include itself, a held-out normal looks more normal than a new part does
     (its own values set the mean and inflate the std where it is unusual): the validation AUROC is then

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import signals
 from .config import RunConfig, flatten, to_dict
-from .data import ImageDataset, Splits, anomaly_spec, content_hash, make_splits, mean_level
+from .data import ImageDataset, Splits, anomaly_spec, content_hash, dataset_hash, make_splits, mean_level
 from .ema import ema_decay, make_ema
 from .evaluate import EpochEvaluation, evaluate_epoch, heatmap_indices, measure_inference
 from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
@@ -248,7 +248,7 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     flow_parameters = count_parameters(model.flows)
     log.info("flow parameters: %.2fM (+%.2fM LayerNorm)", flow_parameters / 1e6, count_parameters(model.norms) / 1e6)
     if tracker is not None:
-        data_hash = content_hash(splits.train + splits.validation + splits.test)
+        data_hash = dataset_hash(splits.train + splits.validation + splits.test)
         tracker.log_params(flatten(cfg))
         tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
                           "data_root": str(Path(cfg.data.root).resolve()),

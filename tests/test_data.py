@@ -244,3 +244,17 @@ def test_synthetic_defect_validation_rows(tiny_mvtec: Path) -> None:
     assert len(ANOMALY_TYPES) <= 2 * n
     assert torch.equal(dataset[n][0], ImageDataset(samples, TINY_SIZE, spec, seed=0)[n][0])
     assert not torch.equal(dataset[n][0], ImageDataset(samples, TINY_SIZE, spec, seed=1)[n][0])
+
+
+def test_dataset_hash_is_the_same_data_under_every_seed_split(tiny_mvtec: Path) -> None:
+    """Without validation/good the held-out normals are drawn per seed; runs that differ only in their seed must
+    still name the same data (the report averages them as one configuration; the concatenation's hash did not)."""
+    from fastflow.data import content_hash, dataset_hash, make_splits
+
+    data = DataConfig(root=str(tiny_mvtec.parent), category=tiny_mvtec.name, val_fraction=0.5, val_min_images=1)
+    first, second = make_splits(data, seed=0), make_splits(data, seed=3)
+    assert {s.image for s in first.train} != {s.image for s in second.train}  # another split of the same files
+    everything = lambda splits: splits.train + splits.validation + splits.test
+    assert content_hash(everything(first)) != content_hash(everything(second))
+    assert dataset_hash(everything(first)) == dataset_hash(everything(second))
+    assert dataset_hash(first.test) != dataset_hash(everything(first))
