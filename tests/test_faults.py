@@ -59,20 +59,30 @@ def _sweep_command(space: Path, root: Path, trials: int, workers: int) -> list[s
             "--root", str(root), "--trials", str(trials), "--workers", str(workers)]
 
 
-def test_sigterm_ends_a_training_run_killed(stores, synthetic_root):
-    tmp = stores["tmp"]
+def _long_training(tmp: Path, synthetic_root: Path, stderr) -> subprocess.Popen:
+    """`fastflow train` of 500 tiny epochs in experiment `faults`, store in `tmp`: a run to interrupt."""
     command = [sys.executable, "-m", "fastflow.cli", "train", "--config", str(DEMO_YAML)]
     for item in (f"data.root={synthetic_root}", f"train.cache_dir={tmp / 'cache'}", "tracking.experiment=faults",
                  "model.input_size=64", "train.epochs=500", "train.max_train_images=8", "eval.heatmap_images=0"):
         command += ["--set", item]
-    train = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE)
+    return subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def _latest_faults_run(client: MlflowClient, tmp: Path):
+    """The newest run of experiment `faults`, or None before the store or the run exists."""
+    experiment = client.get_experiment_by_name("faults") if (tmp / "mlflow.db").exists() else None
+    runs = client.search_runs([experiment.experiment_id]) if experiment else []
+    return runs[0] if runs else None
+
+
+def test_sigterm_ends_a_training_run_killed(stores, synthetic_root):
+    tmp = stores["tmp"]
+    train = _long_training(tmp, synthetic_root, stderr=subprocess.PIPE)
     client = MlflowClient()
 
     def running_run():
-        experiment = client.get_experiment_by_name("faults") if (tmp / "mlflow.db").exists() else None
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return runs[0] if runs and runs[0].info.status == "RUNNING" else None
+        run = _latest_faults_run(client, tmp)
+        return run if run is not None and run.info.status == "RUNNING" else None
 
     run = _wait(running_run, what="running train")
     time.sleep(random.uniform(0.5, 3.0))
@@ -90,18 +100,12 @@ def test_sigkilled_train_run_is_closed_by_the_next_command(stores, synthetic_roo
     from fastflow.cli import main
 
     tmp = stores["tmp"]
-    command = [sys.executable, "-m", "fastflow.cli", "train", "--config", str(DEMO_YAML)]
-    for item in (f"data.root={synthetic_root}", f"train.cache_dir={tmp / 'cache'}", "tracking.experiment=faults",
-                 "model.input_size=64", "train.epochs=500", "train.max_train_images=8", "eval.heatmap_images=0"):
-        command += ["--set", item]
-    train = subprocess.Popen(command, env=os.environ.copy(), cwd=tmp, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    train = _long_training(tmp, synthetic_root, stderr=subprocess.DEVNULL)
     client = MlflowClient()
 
     def epoch_logged():
-        experiment = client.get_experiment_by_name("faults") if (tmp / "mlflow.db").exists() else None
-        runs = client.search_runs([experiment.experiment_id]) if experiment else []
-        return runs[0] if runs and "train/loss" in runs[0].data.metrics else None
+        run = _latest_faults_run(client, tmp)
+        return run if run is not None and "train/loss" in run.data.metrics else None
 
     run = _wait(epoch_logged, what="a logged epoch")
     train.send_signal(signal.SIGKILL)
