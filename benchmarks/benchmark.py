@@ -8,7 +8,7 @@ MVTec-layout sample, and optionally anomalib 2.7.0's FastFlow on the same data a
 
 Everything runs in this one process (anomalib in a child process of its own venv), so speed is compared
 as ratios measured minutes apart on the same machine. Training uses the library API:
-`fastflow.train.train_and_evaluate(load_config(preset, overrides))` with tracking disabled. See README.md.
+`fastflow.engine.train.train_and_evaluate(load_config(preset, overrides))` with tracking disabled. See README.md.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fastflow import metrics as M  # noqa: E402
-from fastflow.backbone import full_model_state  # noqa: E402
-from fastflow.config import RunConfig, load_config  # noqa: E402
-from fastflow.data import ImageDataset, category_dir, list_good, list_test, make_splits  # noqa: E402
-from fastflow.inference import Predictor  # noqa: E402
-import fastflow.train  # noqa: E402
-from fastflow.train import resolve_device, train_and_evaluate  # noqa: E402
+from fastflow.core import metrics as M  # noqa: E402
+from fastflow.core.backbone import full_model_state  # noqa: E402
+from fastflow.data.dataset import ImageDataset, category_dir, list_good, list_test, make_splits  # noqa: E402
+from fastflow.runtime.config import RunConfig, load_config  # noqa: E402
+from fastflow.serve.inference import Predictor  # noqa: E402
+import fastflow.engine.train  # noqa: E402
+from fastflow.engine.train import resolve_device, train_and_evaluate  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_flow  # noqa: E402
@@ -141,13 +141,13 @@ class EncodeLog(logging.Handler):
 
 
 class EpochCpuTime:
-    """CPU seconds of each `fastflow.train.train_epoch` call inside the block (the wall seconds come from
+    """CPU seconds of each `fastflow.engine.train.train_epoch` call inside the block (the wall seconds come from
     train_and_evaluate's history). Wrapping only measures; with 1 torch thread, CPU time is the work done,
     whatever other jobs on a shared machine take from the wall clock."""
 
     def __enter__(self) -> list[float]:
         self.seconds: list[float] = []
-        self.original = fastflow.train.train_epoch
+        self.original = fastflow.engine.train.train_epoch
 
         def timed(*args, **kwargs):
             start = time.process_time()
@@ -156,17 +156,17 @@ class EpochCpuTime:
             finally:
                 self.seconds.append(time.process_time() - start)
 
-        fastflow.train.train_epoch = timed
+        fastflow.engine.train.train_epoch = timed
         return self.seconds
 
     def __exit__(self, *exc) -> None:
-        fastflow.train.train_epoch = self.original
+        fastflow.engine.train.train_epoch = self.original
 
 
 def run_ours(cfg: RunConfig) -> dict:
     """train_and_evaluate(cfg) with timings, peak memory and last-epoch metrics."""
     log = EncodeLog()
-    logger = logging.getLogger("fastflow.features")
+    logger = logging.getLogger("fastflow.data.features")
     logger.addHandler(log)
     logger.setLevel(logging.INFO)
     try:
@@ -296,7 +296,7 @@ def preset_config(name: str, plan: dict, view: Path, category: str, cache_dir: P
 
 
 def with_cache(cfg: RunConfig, mode: str) -> RunConfig:
-    from fastflow.config import with_overrides
+    from fastflow.runtime.config import with_overrides
 
     return with_overrides(cfg, {"train": {"feature_cache": mode}})
 

@@ -35,7 +35,7 @@ def trained_epochs(model, cfg, splits, encoded, device, seed: int):
     the model after each epoch."""
     import torch
 
-    from fastflow.train import _train_batches, make_optimizer, train_epoch
+    from fastflow.engine.train import _train_batches, make_optimizer, train_epoch
 
     optimizer, scheduler, _ = make_optimizer(model, cfg, len(splits.train))
     generator = torch.Generator().manual_seed(seed)
@@ -50,10 +50,10 @@ def prepared(args: argparse.Namespace, seed: int):
     untrained model, the splits' backbone features through the feature cache, device)."""
     import torch
 
-    from fastflow.config import load_config
-    from fastflow.data import make_splits
-    from fastflow.model import FastFlow
-    from fastflow.train import encode_splits, seed_everything
+    from fastflow.core.model import FastFlow
+    from fastflow.data.dataset import make_splits
+    from fastflow.engine.train import encode_splits, seed_everything
+    from fastflow.runtime.config import load_config
 
     cfg = load_config(Path(args.preset), [f"data.root={args.root}", f"data.category={args.category}",
                                           f"train.seed={seed}", f"train.epochs={args.epochs}", "train.num_threads=1",

@@ -2,8 +2,8 @@
 
 Times are CPU seconds on the CPU (wall seconds on CUDA).
 - `epoch_phases`: one epoch of the uncached path (feature_cache=off), timed by phase: image loading and
-  decoding, backbone, flow forward (LayerNorm + flows), loss, backward, optimizer step. It repeats the body
-  of `fastflow.train.train_epoch` with timers between the same library calls.
+  decoding, backbone, flow forward (LayerNorm + flows), loss, backward, optimizer step. It runs the real
+  `fastflow.engine.train.train_epoch` with timers around what the epoch calls.
 - `top_ops`: torch.profiler over one training step on cached features, self time per operator.
 - `permutation_whatif`: a flow training step with FrEIA's hard channel permutation done as it is now (a
   1x1 conv with a CxC permutation matrix, forward and backward) and as channel indexing, same results.
@@ -16,16 +16,18 @@ import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from unittest.mock import patch
 
 import torch
 from torch.utils.data import DataLoader
 
-from fastflow.config import RunConfig
-from fastflow.data import ImageDataset, make_splits
-from fastflow.flow import PositionLogJacBlock
-from fastflow.loss import nll_loss
-from fastflow.model import FastFlow
-from fastflow.train import seed_everything
+from fastflow.core.flow import PositionLogJacBlock
+from fastflow.core.loss import nll_loss
+from fastflow.core.model import FastFlow
+from fastflow.data.dataset import ImageDataset, make_splits
+from fastflow.engine import train
+from fastflow.engine.train import make_optimizer, seed_everything
+from fastflow.runtime.config import RunConfig
 
 
 def _sync(device: torch.device) -> None:
@@ -39,15 +41,15 @@ def _clock(device: torch.device):
 
 
 def epoch_phases(cfg: RunConfig, device: torch.device) -> tuple[dict[str, float], list[torch.Tensor], FastFlow]:
-    """Seconds per phase of one uncached epoch; also the last batch's features and the model."""
+    """Seconds per phase of one uncached epoch of the real `train_epoch`; also the last batch's features and the
+    model. The phases are timed around what the epoch calls: the batches it is given (image loading, backbone),
+    the model's flow forward, the loss and the optimizer step (the time before the step is the backward)."""
     seed_everything(cfg.train.seed)
     model = FastFlow(cfg.model).to(device)
     splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
     loader = DataLoader(ImageDataset(splits.train, cfg.model.input_size), batch_size=cfg.train.batch_size,
                         shuffle=True, generator=torch.Generator().manual_seed(cfg.train.seed))
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    model.train()
-    model.backbone.eval()
+    optimizer, scheduler, _ = make_optimizer(model, cfg, len(splits.train))
     phases: dict[str, float] = defaultdict(float)
     now_fn = _clock(device)
     clock = now_fn()
@@ -59,22 +61,31 @@ def epoch_phases(cfg: RunConfig, device: torch.device) -> tuple[dict[str, float]
         phases[name] += now - clock
         clock = now
 
+    def timed(function, name: str):
+        def call(*args, **kwargs):
+            result = function(*args, **kwargs)
+            lap(name)
+            return result
+        return call
+
     features: list[torch.Tensor] = []
-    for images, _, _ in loader:
-        images = images.to(device)
-        lap("load + decode + resize images")
-        features = model.extract_features(images)
-        lap("backbone forward")
-        latents, log_jacs = model.forward_features(features)
-        lap("flow forward (LayerNorm + flows)")
-        loss = nll_loss(latents, log_jacs)
-        lap("loss")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        lap("backward")
-        optimizer.step()
-        loss.item()
-        lap("optimizer step")
+
+    def batches():
+        for images, _, _ in loader:
+            images = images.to(device)
+            lap("load + decode + resize images")
+            features[:] = model.extract_features(images)
+            lap("backbone forward")
+            yield features
+
+    model.forward_features = timed(model.forward_features, "flow forward (LayerNorm + flows)")
+    optimizer.register_step_pre_hook(lambda *_: lap("backward"))
+    optimizer.register_step_post_hook(lambda *_: lap("optimizer step"))
+    try:
+        with patch.object(train, "nll_loss", timed(nll_loss, "loss")):
+            train.train_epoch(model, batches(), optimizer, scheduler, cfg, device, epoch=1)
+    finally:
+        del model.forward_features  # the class's method again
     return dict(phases), [f.detach() for f in features], model
 
 

@@ -2,7 +2,7 @@
 settings and epochs, several seeds; image and pixel AUROC after every epoch, scored with the project's metric code.
 
   nice python benchmarks/side_by_side.py --root ../shared/data/mvtec_screw --category screw --seeds 0 1 2 \\
-      --epochs 10 --out benchmarks/side_by_side_screw.md [--log-mlflow]
+      --epochs 10 --out benchmarks/studies/2026-12-02-screw-side-by-side/side_by_side_screw.md [--log-mlflow]
 
 Per seed: the project trains the preset with `fastflow.train.train_and_evaluate` (leak-free selection: held-out
 normals + synthetic anomalies; test figures after every epoch); anomalib 2.7.0 (`anomalib_side.py`, in its own venv,
@@ -28,12 +28,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastflow import metrics as M  # noqa: E402
-from fastflow.backbone import full_model_state  # noqa: E402
-from fastflow.config import flatten, load_config  # noqa: E402
-from fastflow.data import dataset_hash, make_splits  # noqa: E402
-from fastflow.protocol import LEAK_FREE, PAPER  # noqa: E402
-from fastflow.train import train_and_evaluate  # noqa: E402
+from fastflow.core import metrics as M  # noqa: E402
+from fastflow.core.backbone import full_model_state  # noqa: E402
+from fastflow.data.dataset import dataset_hash, make_splits  # noqa: E402
+from fastflow.engine.protocol import LEAK_FREE, PAPER  # noqa: E402
+from fastflow.engine.train import train_and_evaluate  # noqa: E402
+from fastflow.runtime.config import flatten, load_config  # noqa: E402
 
 from benchmark import ANOMALIB_VENV, ensure_anomalib_venv, load_split, run_anomalib  # noqa: E402
 
@@ -45,7 +45,7 @@ def our_side(cfg, log_mlflow: bool = False) -> dict:
     With `log_mlflow`, a tracked run like `fastflow train`'s (what `fastflow report` reads)."""
     start = time.perf_counter()
     if log_mlflow:
-        from fastflow.tracking import start_run
+        from fastflow.tracking.runs import start_run
 
         with start_run(replace(cfg, tracking=replace(cfg.tracking, enabled=True))) as tracker:
             result = train_and_evaluate(cfg, tracker)
@@ -83,7 +83,7 @@ def anomalib_side(cfg, splits, python: Path, workdir: Path) -> dict:
 
 def log_anomalib_runs(cfg, splits, seeds: dict[int, dict]) -> None:
     """Each anomalib seed as a FINISHED run at its test-best epoch (the test-set protocol anomalib publishes with)."""
-    from fastflow.tracking import log_peer_run
+    from fastflow.tracking.runs import log_peer_run
 
     for seed, side in seeds.items():
         epoch = max(side["epochs"], key=lambda e: side["epochs"][e]["image_auroc"])

@@ -8,22 +8,22 @@ import os
 import sys
 from pathlib import Path
 
-from . import signals
-from .config import ConfigError, load_config
-from .faults import store_error
-from .protocol import LEAK_FREE, OBJECTIVES, PAPER
-from .redact import redact
+from fastflow.engine.protocol import LEAK_FREE, OBJECTIVES, PAPER
+from fastflow.runtime import signals
+from fastflow.runtime.config import ConfigError, load_config
+from fastflow.runtime.faults import store_error
+from fastflow.runtime.redact import redact
 
 
 def _train(args) -> int:
     signals.install()  # from the start: a SIGTERM during the slow imports is reported like a later one
     cfg = load_config(args.config, args.set)  # report config errors before the slow imports
-    from .preflight import missing_gpu
+    from fastflow.runtime.preflight import missing_gpu
 
     if missing_gpu(cfg.train.device):
         raise ConfigError(missing_gpu(cfg.train.device))
-    from .tracking import start_run
-    from .train import resolve_device, train_and_evaluate
+    from fastflow.engine.train import resolve_device, train_and_evaluate
+    from fastflow.tracking.runs import start_run
 
     resolve_device(cfg.train.device)  # torch's word on the device, before any run exists
 
@@ -36,7 +36,7 @@ def _train(args) -> int:
     best = {k.split("/")[-1]: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("eval/")}
     print(f"best epoch {result.best_epoch}, selected on {result.selection_protocol}: {best}")
     print(f"stored threshold: {result.threshold_source}")
-    from .selection import fidelity_line
+    from fastflow.engine.selection import fidelity_line
 
     print(fidelity_line(result.fidelity, "evaluated epochs"))
     print(f"train seconds/epoch {result.seconds_per_epoch:.1f}, inference {result.inference_images_per_s:.1f} images/s, "
@@ -48,12 +48,14 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: Optuna logs each trial instead
     signals.install()
-    from .space import choose_space, load_space
+    from fastflow.study.space import choose_space, load_space
 
     path, notice = choose_space(args.space, args.category)  # before the slow imports: one line within seconds
     if notice:
         print(notice, flush=True)
-    from .sweep import SweepSettings, run_sweep, summary_table
+    from fastflow.study.storage import SweepSettings
+    from fastflow.study.summary import summary_table
+    from fastflow.study.sweep import run_sweep
 
     space = load_space(path)
     category = args.category or space.category
@@ -77,9 +79,9 @@ def _print_promotion(promotion) -> None:
 
 
 def _promote(args) -> int:
-    from .registry import promote
+    from fastflow.tracking.registry import promote
 
-    from .protocol import protocol_for_objective
+    from fastflow.engine.protocol import protocol_for_objective
 
     metric = protocol_for_objective(args.objective).metric
     _print_promotion(promote(args.category, metric=metric, study=args.study, force=args.force))
@@ -89,7 +91,7 @@ def _promote(args) -> int:
 def _ui(args) -> int:
     import signal
 
-    from .ui import start_ui, stop_ui, wait_until_answers
+    from fastflow.tracking.ui import start_ui, stop_ui, wait_until_answers
 
     def stop(signum, frame):  # SIGTERM like Ctrl-C: stop the server's whole process group on the way out
         raise KeyboardInterrupt
@@ -112,14 +114,14 @@ def _ui(args) -> int:
 
 
 def _download(args) -> int:
-    from .download import download_mvtec
+    from fastflow.data.download import download_mvtec
 
     print(download_mvtec(Path(args.root)))
     return 0
 
 
 def _cache_clear(args) -> int:
-    from .features import FeatureCache
+    from fastflow.data.features import FeatureCache
 
     freed = FeatureCache(Path(args.cache_dir), 0).clear()
     print(f"removed {freed / 1e6:.1f} MB from {args.cache_dir}")
@@ -127,7 +129,7 @@ def _cache_clear(args) -> int:
 
 
 def _predict(args) -> int:
-    from .predict import predict
+    from fastflow.serve.predict import predict
 
     rows = predict(args.model, args.input, Path(args.out), args.threshold, args.batch_size, args.device)
     flagged = sum(row.is_anomalous for row in rows)
@@ -141,7 +143,7 @@ def _predict(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import write_report
+    from fastflow.study.report import write_report
 
     result = write_report(args.experiment, Path(args.out))
     print(f"{len(result.rows)} rows (best configuration per category, backbone and selection protocol) -> "
@@ -151,7 +153,7 @@ def _report(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_model
+    from fastflow.serve.export import export_model
 
     result = export_model(args.model, args.format, Path(args.out), check=not args.no_check)
     print(f"exported {result.format} to {result.path}")
@@ -162,7 +164,7 @@ def _export(args) -> int:
 
 
 def _paper(args) -> int:
-    from .paper_run import PaperSettings, run_paper
+    from fastflow.study.paper_run import PaperSettings, run_paper
 
     categories = tuple(c for text in args.categories for c in text.replace(",", " ").split())
     result = run_paper(PaperSettings(args.backbone, args.root, categories, args.trials, tuple(args.set), args.space,
@@ -294,8 +296,8 @@ def _stores() -> dict[str, str]:
     stores = {}
     if "mlflow" in sys.modules:
         stores["MLflow tracking store"] = sys.modules["mlflow"].get_tracking_uri()
-    if "fastflow.sweep" in sys.modules:
-        stores["Optuna storage"] = sys.modules["fastflow.sweep"].default_storage()
+    if "fastflow.study.storage" in sys.modules:
+        stores["Optuna storage"] = sys.modules["fastflow.study.storage"].default_storage()
     return stores
 
 

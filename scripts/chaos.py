@@ -135,7 +135,7 @@ class Chaos:
 
     def promote_race(self, name: str) -> str:
         """3 promoters at once, each for another finished run (or the category's best); one gets the signal."""
-        from fastflow.tracking import connect
+        from fastflow.tracking.store import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = self.env["MLFLOW_TRACKING_URI"]
         client = connect(reap=False)
@@ -145,7 +145,7 @@ class Chaos:
             if "model_uri" in r.data.tags] if experiment else []
         if not runs:
             return "no finished run yet"
-        script = ("import sys; from fastflow.registry import promote; "
+        script = ("import sys; from fastflow.tracking.registry import promote; "
                   "promote('synthetic', experiment='fastflow', run_id=sys.argv[1] if len(sys.argv) > 1 else '')")
         chosen = [self.random.choice(runs) for _ in range(2)] + [""]
         racers = [self.start([sys.executable, "-c", script] + ([r] if r else []), "promote") for r in chosen]
@@ -162,8 +162,8 @@ class Chaos:
         return "one of 3 racing promoters"
 
     def check(self) -> list[str]:
-        from fastflow.invariants import check_all
-        from fastflow.tracking import connect
+        from fastflow.tracking.invariants import check_all
+        from fastflow.tracking.store import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = self.env["MLFLOW_TRACKING_URI"]
         connect(reap=False)
@@ -173,8 +173,8 @@ class Chaos:
     @staticmethod
     def check_store(database: Path, folders: list[Path]) -> list[str]:
         """The invariants of an MLflow store of its own (no Optuna), read from its sqlite file."""
-        from fastflow.invariants import check_all
-        from fastflow.tracking import connect
+        from fastflow.tracking.invariants import check_all
+        from fastflow.tracking.store import connect
 
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{database}"
         connect(reap=False)
@@ -297,7 +297,7 @@ def main() -> int:
                         help="kinds to try, e.g. sweep-1-worker:SIGTERM or disk-full:- (default: all, in random order)")
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="fastflow-chaos-"))
-    from fastflow.synthetic import SyntheticSpec, ensure_category
+    from fastflow.data.synthetic import SyntheticSpec, ensure_category
 
     chaos = Chaos(folder, args.seed)
     ensure_category(chaos.data, SyntheticSpec(seed=0))

@@ -12,7 +12,7 @@
 #     OPTUNA_STORAGE=postgresql+psycopg2://... and MLFLOW_TRACKING_URI=http://127.0.0.1:<port>;
 #     machine B starts once machine A runs its first trial (processes that load the study before any trial
 #     exists draw the same TPE seed);
-#   * tests/test_distributed.py then checks through the public APIs: all trials in PostgreSQL, one parent run
+#   * tests/e2e/test_distributed.py then checks through the public APIs: all trials in PostgreSQL, one parent run
 #     with every trial as a child on the server, artifacts downloadable through the server, and
 #     models:/fastflow-synthetic@champion loadable with mlflow.pyfunc.load_model.
 # Everything (processes, temp dir) is cleaned up on exit; KEEP=1 keeps the temp dir for inspection.
@@ -233,7 +233,7 @@ export FASTFLOW_DISTRIBUTED_TRIALS=$((2 * TRIALS_PER_WORKER))
 export FASTFLOW_DISTRIBUTED_EPOCHS="$EPOCHS"
 export FASTFLOW_DISTRIBUTED_WORK="$WORK"
 export FASTFLOW_DISTRIBUTED_PASSWORD="$PGPASSWORD_FF"
-"$PYTHON" "$REPO/tests/test_distributed.py" >&2 || true  # the run tree, for the log
-(cd "$REPO" && "$PYTHON" -m pytest -q -p no:cacheprovider -m "" "$REPO/tests/test_distributed.py") \
+"$PYTHON" "$REPO/tests/e2e/test_distributed.py" >&2 || true  # the run tree, for the log
+(cd "$REPO" && "$PYTHON" -m pytest -q -p no:cacheprovider -m "" "$REPO/tests/e2e/test_distributed.py") \
   || die "verification failed"
 log "OK: $FASTFLOW_DISTRIBUTED_TRIALS trials from 2 machines in PostgreSQL and on the MLflow server"

@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny MVTec-style category, the real tire sample, fast run configs.
+"""Shared fixtures: a tiny MVTec-style category, the real tire sample, fast run configs, tiny-run settings, a tiny
+sweep space and tracking stores in tmp folders.
 
 Everything a test writes (data, feature cache, MLflow store) lives under pytest's tmp_path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,15 +19,15 @@ os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # subprocesses (CLI, swe
 
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+from typing import Callable, Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fastflow.config import RunConfig, load_config  # noqa: E402
-from fastflow.synthetic import SyntheticSpec, ensure_category  # noqa: E402
+from fastflow.data.synthetic import SyntheticSpec, ensure_category  # noqa: E402
+from fastflow.runtime.config import RunConfig, load_config  # noqa: E402
 
 torch.set_num_threads(THREADS)
 
@@ -33,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))  # fault_env: a stoppable tracking server, a small or read-only disk
 DEMO_YAML = REPO / "experiments" / "demo.yaml"
 TIRE_ROOT = REPO.parent / "shared" / "data" / "mvtec3d_tire"
+
+TINY_RUN = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8")  # seconds
 
 TINY_CATEGORY = "widget"
 TINY_SIZE = 64
@@ -69,14 +73,38 @@ def write_tiny_category(root: Path, category: str = TINY_CATEGORY, n_train: int 
     return folder
 
 
-@pytest.fixture(autouse=True)
-def _restore_mlflow_tracking_uri():
-    """Undo `mlflow.set_tracking_uri` (fastflow.tracking calls it; it also exports $MLFLOW_TRACKING_URI),
-    so one test's tmp store never becomes the next test's default."""
+@contextlib.contextmanager
+def restored_tracking_uri() -> Iterator[None]:
+    """Undo `mlflow.set_tracking_uri` after the block (fastflow.tracking calls it; it also exports
+    $MLFLOW_TRACKING_URI), so one test's tmp store never becomes the next test's default."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
     if "mlflow" in sys.modules and os.environ.get("MLFLOW_TRACKING_URI") != before:
         sys.modules["mlflow"].set_tracking_uri(before)
+
+
+@contextlib.contextmanager
+def tracking_store(folder: Path) -> Iterator[str]:
+    """Inside the block, MLflow uses the store `mlflow_store(folder)` through $MLFLOW_TRACKING_URI, as users set
+    it; after it, the URI from before. Yields the store's URI."""
+    with restored_tracking_uri(), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store(folder))
+        sys.modules["mlflow"].set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        yield os.environ["MLFLOW_TRACKING_URI"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_mlflow_tracking_uri():
+    with restored_tracking_uri():
+        yield
+
+
+@pytest.fixture
+def stores(tmp_path: Path) -> Iterator[dict]:
+    """MLflow and Optuna stores in tmp_path, through the same environment variables users set."""
+    with tracking_store(tmp_path), pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
+        yield {"tmp": tmp_path, "storage": os.environ["OPTUNA_STORAGE"]}
 
 
 @pytest.fixture(autouse=True)
@@ -163,3 +191,31 @@ def make_config(tmp_path: Path, synthetic_root: Path) -> Callable[..., RunConfig
         return fast_config(tmp_path, *overrides, data_root=synthetic_root, preset=preset)
 
     return make
+
+
+TINY_SPACE = """
+category: synthetic
+trials: 4
+preset: {type: categorical, choices: [efficientnet_lite0]}
+presets_dir: %(presets)s
+params:
+  model.flow_steps: {type: int, low: 2, high: 4, step: 2}
+  train.lr: {type: float, low: 5.0e-4, high: 2.0e-3, log: true}
+  model.anomaly_map: {type: categorical, choices: [z2, nll]}
+fixed:
+  model.input_size: 64
+  train.epochs: %(epochs)s
+  train.batch_size: 8
+  train.max_train_images: 16
+  train.cache_dir: %(cache)s
+  eval.heatmap_images: 2
+  eval.eval_every: 1
+pruner: median
+"""
+
+
+def write_space(tmp_path: Path, epochs: int = 2, name: str = "tiny.yaml") -> Path:
+    """A sweep space of tiny trials (64 px, 16 train images) in `tmp_path`."""
+    path = tmp_path / name
+    path.write_text(TINY_SPACE % {"presets": REPO / "experiments", "epochs": epochs, "cache": tmp_path / "cache"})
+    return path

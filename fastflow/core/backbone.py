@@ -20,7 +20,7 @@ import timm
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_tensors
+from fastflow.runtime.checkpoint import CheckpointError, load_tensors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

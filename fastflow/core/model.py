@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbone import create_backbone, default_normalization, is_transformer_name
-from .config import ModelConfig
-from .flow import build_flow, run_flow
+from fastflow.core.backbone import create_backbone, default_normalization, is_transformer_name
+from fastflow.core.flow import build_flow, run_flow
+from fastflow.runtime.config import ModelConfig
 
 
 class FastFlow(nn.Module):

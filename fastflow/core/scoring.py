@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .anomaly_map import MAP_SCORES, fuse, image_score as map_image_score, scale_maps
+from fastflow.core.anomaly_map import MAP_SCORES, fuse, image_score as map_image_score, scale_maps
 
 MAP_NORMS = ("none", "scale", "position")
 NLL_SCORES = ("nll", "nll_z")

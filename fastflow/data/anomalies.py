@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .synthetic import DEFECT_TYPES, make_defect
+from fastflow.data.synthetic import DEFECT_TYPES, make_defect
 
 ANOMALY_TYPES = ("cutpaste", "scar", "texture", "distortion", "painted", "scratch", "missing", "dent")
 GENERATOR_VERSION = 2  # bump when the pictures change (part of the validation feature-cache key)

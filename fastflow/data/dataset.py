@@ -20,9 +20,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from .anomalies import AnomalySpec, validation_anomaly
-from .config import DataConfig
-from .synthetic import SYNTHETIC_CATEGORY, SyntheticSpec, ensure_category
+from fastflow.data.anomalies import AnomalySpec, validation_anomaly
+from fastflow.data.synthetic import SYNTHETIC_CATEGORY, SyntheticSpec, ensure_category
+from fastflow.runtime.config import DataConfig
 
 log = logging.getLogger(__name__)
 

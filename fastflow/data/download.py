@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .paper import MVTEC_CATEGORIES
+from fastflow.data.paper import MVTEC_CATEGORIES
 
 log = logging.getLogger(__name__)
 

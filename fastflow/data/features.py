@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from .config import ModelConfig
+from fastflow.runtime.config import ModelConfig
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1

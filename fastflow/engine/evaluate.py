@@ -8,14 +8,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import metrics as M
-from .anomaly_map import scale_maps
-from .config import RunConfig
-from .data import ImageDataset, Sample, source_of
-from .features import EncodedSplit
-from .loss import nll_loss
-from .scoring import (NormalStats, cross_fitted, image_nll, needs_stats, normal_stats, off_defect_scores, score,
-                      score_kind, score_scales)
+from fastflow.core import metrics as M
+from fastflow.core.anomaly_map import scale_maps
+from fastflow.core.loss import nll_loss
+from fastflow.core.scoring import (NormalStats, cross_fitted, image_nll, needs_stats, normal_stats, off_defect_scores,
+                                   score, score_kind, score_scales)
+from fastflow.data.dataset import ImageDataset, Sample, source_of
+from fastflow.data.features import EncodedSplit
+from fastflow.runtime.config import RunConfig
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 from scipy.stats import spearmanr
 
-from .metrics import image_auroc
+from fastflow.core.metrics import image_auroc
 
 SPEARMAN_KEY = "fidelity/spearman"
 OPTIMISM_KEY = "fidelity/optimism"

@@ -1,7 +1,7 @@
 """Training loop with per-epoch evaluation and best-epoch selection.
 
 `train_and_evaluate(cfg, tracker)` owns device, optimizer and checkpoints; it reports through a
-`Tracker` (MLflow or no-op, see tracking.py) and an optional `on_evaluation(epoch, metrics)`
+`Tracker` (MLflow or no-op, see tracking/logger.py) and an optional `on_evaluation(epoch, metrics)`
 callback (the sweep reports to Optuna there and may raise to prune).
 """
 
@@ -21,20 +21,21 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import signals
-from .config import RunConfig, flatten, to_dict
-from .data import ImageDataset, Splits, anomaly_spec, content_hash, dataset_hash, make_splits, mean_level
-from .ema import ema_decay, make_ema
-from .evaluate import EpochEvaluation, evaluate_epoch, heatmap_indices, measure_inference
-from .features import EncodedSplit, FeatureCache, cache_key, encode_cached
-from .loss import nll_loss
-from . import metrics as M
-from .metrics import NonFiniteError
-from .model import FastFlow, count_parameters
-from .protocol import names_key, resolve_selection, resolve_threshold
-from .redact import redact_values
-from .scoring import NormalStats, needs_stats
-from .selection import Fidelity, fidelity, split_half_reliability
+from fastflow.core import metrics as M
+from fastflow.core.ema import ema_decay, make_ema
+from fastflow.core.loss import nll_loss
+from fastflow.core.metrics import NonFiniteError
+from fastflow.core.model import FastFlow, count_parameters
+from fastflow.core.scoring import NormalStats, needs_stats
+from fastflow.data.dataset import (ImageDataset, Splits, anomaly_spec, content_hash, dataset_hash, make_splits,
+                                   mean_level)
+from fastflow.data.features import EncodedSplit, FeatureCache, cache_key, encode_cached
+from fastflow.engine.evaluate import EpochEvaluation, evaluate_epoch, heatmap_indices, measure_inference
+from fastflow.engine.protocol import names_key, resolve_selection, resolve_threshold
+from fastflow.engine.selection import Fidelity, fidelity, split_half_reliability
+from fastflow.runtime import signals
+from fastflow.runtime.config import RunConfig, flatten, to_dict
+from fastflow.runtime.redact import redact_values
 
 log = logging.getLogger(__name__)
 

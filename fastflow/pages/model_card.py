@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Mapping
 from urllib.parse import quote
 
-from .metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
-from .protocol import RANKED_METRICS, protocol_for_metric
+from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
+from fastflow.engine.protocol import RANKED_METRICS, protocol_for_metric
 
 KEY_METRICS = (*RANKED_METRICS, "epoch")
 

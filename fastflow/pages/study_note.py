@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 from urllib.parse import quote
 
-from .model_card import run_link, version_link
-from .protocol import Protocol
-from .study_page import (INTERVAL_NOTE, LABELS, TrialRow, figure_columns, figure_value, interval_text, number,
-                         param_text, state_text)
+from fastflow.engine.protocol import Protocol
+from fastflow.pages.model_card import run_link, version_link
+from fastflow.pages.study_page import (INTERVAL_NOTE, LABELS, TrialRow, figure_columns, figure_value, interval_text,
+                                       number, param_text, state_text)
 
 NOTE_LIMIT = 7800  # MLflow keeps 8000 characters of a tag value
 

@@ -15,8 +15,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from .metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
-from .protocol import RANKED_METRICS, Protocol, ranking_key
+from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
+from fastflow.engine.protocol import Protocol, RANKED_METRICS, ranking_key
 
 STATE_NOTES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .faults import first_sentence
+from fastflow.runtime.faults import first_sentence
 
 
 class CheckpointError(ValueError):

@@ -16,8 +16,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from .preflight import device_problem, input_size_problem
-from .redact import redact_values
+from fastflow.runtime.preflight import device_problem, input_size_problem
+from fastflow.runtime.redact import redact_values
 
 
 class ConfigError(ValueError):
@@ -70,7 +70,7 @@ class ModelConfig:
     hidden_ratio: float = 1.0
     clamp: float = 2.0
     anomaly_map: Literal["z2", "nll"] = "z2"
-    image_score: Literal["max", "topk", "mean", "nll", "nll_z"] = "max"  # see fastflow/scoring.py
+    image_score: Literal["max", "topk", "mean", "nll", "nll_z"] = "max"  # see fastflow/core/scoring.py
     topk_fraction: float = 0.01
     map_norm: Literal["none", "scale", "position"] = "none"  # standardise per-scale maps by held-out normals
     score_norm: Literal["map", "none", "scale", "position"] = "map"  # the map the image score reads; map: map_norm's

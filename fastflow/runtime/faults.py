@@ -12,7 +12,7 @@ import errno
 import re
 from typing import Iterator, Optional
 
-from .redact import redact
+from fastflow.runtime.redact import redact
 
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 

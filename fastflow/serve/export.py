@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .inference import Predictor
+from fastflow.serve.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def check_export(predictor: Predictor, path: Path, fmt: str, batch_sizes: tuple[
 
 def export_model(model: str, fmt: str, out: Path, check: bool = True) -> ExportResult:
     """Export `model` (URI, run id or checkpoint path; see predict.load_predictor) to `out` and check it."""
-    from .predict import load_predictor
+    from fastflow.serve.predict import load_predictor
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format '{fmt}'; known: {', '.join(FORMATS)}")

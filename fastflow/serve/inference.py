@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .config import ConfigError, RunConfig, config_from_dict
-from .data import image_tensor
-from .model import FastFlow
-from .scoring import NormalStats, needs_stats, score_with_map
+from fastflow.core.model import FastFlow
+from fastflow.core.scoring import NormalStats, needs_stats, score_with_map
+from fastflow.data.dataset import image_tensor
+from fastflow.runtime.checkpoint import CheckpointError, load_checkpoint
+from fastflow.runtime.config import ConfigError, RunConfig, config_from_dict
 
 
 @dataclass

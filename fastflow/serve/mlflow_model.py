@@ -12,7 +12,7 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
-from fastflow.inference import Predictor
+from fastflow.serve.inference import Predictor
 
 
 class FastFlowPyfunc(mlflow.pyfunc.PythonModel):

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,9 +30,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .data import IMAGE_SUFFIXES, load_rgb
-from .inference import Predictor
-from .visualize import colorize, overlay
+from fastflow.data.dataset import IMAGE_SUFFIXES, load_rgb
+from fastflow.pages.visualize import colorize, overlay
+from fastflow.serve.inference import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +55,22 @@ class PredictionRow:
     mask: str
 
 
+def load_logged_predictor(uri: str) -> Predictor:
+    """A registered or logged model -> its `inference.Predictor`, from the run's checkpoint read as data
+    (`weights_only`); never through `mlflow.pyfunc.load_model`, which would run the model's stored code."""
+    from fastflow.tracking.logger import CHECKPOINT_ARTIFACT
+    from fastflow.tracking.registry import model_run_id
+    from fastflow.tracking.results import download_checkpoint
+
+    run_id = model_run_id(uri)
+    with tempfile.TemporaryDirectory() as folder:
+        path = download_checkpoint(run_id, Path(folder))
+        return Predictor.from_file(path, label=f"{uri} (run {run_id}, artifact {CHECKPOINT_ARTIFACT})")
+
+
 def load_predictor(model: str, device: str = "cpu") -> Predictor:
     """A URI, run id or checkpoint path -> Predictor (MLflow store: $MLFLOW_TRACKING_URI or ./mlruns)."""
     if model.startswith(("models:/", "runs:/")) or RUN_ID.match(model):
-        from .registry import load_logged_predictor
-
         predictor = load_logged_predictor(model)  # the run's checkpoint, read as data
         predictor.device = torch.device(device)
         return predictor.to(device)

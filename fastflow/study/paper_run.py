@@ -16,15 +16,15 @@ from typing import Optional
 
 import yaml
 
-from .config import RunConfig, load_config, parse_yaml, read_yaml
-from .paper import MVTEC_CATEGORIES
-from .report import ReportResult, write_report
-from .synthetic import SYNTHETIC_CATEGORY
+from fastflow.data.paper import MVTEC_CATEGORIES
+from fastflow.data.synthetic import SYNTHETIC_CATEGORY
+from fastflow.runtime.config import RunConfig, load_config, parse_yaml, read_yaml
+from fastflow.study.report import ReportResult, write_report
 
 log = logging.getLogger(__name__)
 
 PAPER_TAG = "paper_backbone"
-PROJECT = Path(__file__).resolve().parent.parent
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,8 @@ def category_config(settings: PaperSettings, category: str) -> RunConfig:
 
 
 def is_done(cfg: RunConfig, backbone: str, category: str) -> bool:
-    from .tracking import finished_runs, quoted
+    from fastflow.tracking.results import finished_runs
+    from fastflow.tracking.store import quoted
 
     query = f"tags.{PAPER_TAG} = {quoted(backbone)} and tags.category = {quoted(category)}"
     return bool(finished_runs(cfg.tracking.experiment, query, cfg.tracking.uri))
@@ -94,8 +95,8 @@ def is_done(cfg: RunConfig, backbone: str, category: str) -> bool:
 
 def train_category(cfg: RunConfig, backbone: str) -> str:
     """One tracked training run with the preset; returns its run id."""
-    from .tracking import start_run
-    from .train import train_and_evaluate
+    from fastflow.engine.train import train_and_evaluate
+    from fastflow.tracking.runs import start_run
 
     with start_run(cfg, run_name=f"paper-{backbone}-{cfg.data.category}", tags={PAPER_TAG: backbone}) as tracker:
         train_and_evaluate(cfg, tracker)
@@ -138,8 +139,9 @@ def sweep_category(settings: PaperSettings, cfg: RunConfig) -> str:
     """Run the trials still missing from the category's study; tag its best trial's run; return that run id."""
     from optuna.trial import TrialState
 
-    from .sweep import SweepSettings, run_sweep
-    from .tracking import MlflowTracker
+    from fastflow.study.storage import SweepSettings
+    from fastflow.study.sweep import run_sweep
+    from fastflow.tracking.logger import MlflowTracker
 
     sweep = SweepSettings(space_for(settings), cfg.data.category, settings.root, settings.trials, settings.workers,
                           experiment=cfg.tracking.experiment, extra_fixed=fixed_overrides(settings.overrides),
@@ -158,7 +160,7 @@ def sweep_category(settings: PaperSettings, cfg: RunConfig) -> str:
 
 def run_paper(settings: PaperSettings) -> PaperResult:
     """Train or sweep every category not done yet, then regenerate the report from the experiment."""
-    from .tracking import ensure_experiment, tracking_uri
+    from fastflow.tracking.store import ensure_experiment, tracking_uri
 
     if settings.trials < 0 or settings.workers < 1:
         raise ValueError(f"trials must be >= 0 and workers >= 1; got {settings.trials}, {settings.workers}")

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml, with_overrides
-from .synthetic import SYNTHETIC_CATEGORY
+from fastflow.data.synthetic import SYNTHETIC_CATEGORY
+from fastflow.runtime.config import ConfigError, RunConfig, config_from_dict, load_config, read_yaml, with_overrides
 
 PRUNERS = ("median", "hyperband", "none")
 TOP_KEYS = {"preset", "params", "fixed", "category", "trials", "pruner", "presets_dir"}
@@ -128,7 +128,7 @@ OFFLINE_SPACE = Path("sweeps/offline.yaml")  # ... or, where those cannot be loa
 
 def weights_problems(space: SearchSpace) -> list[str]:
     """Why some backbone weights the space's trials need cannot be loaded now (seconds; nothing is built)."""
-    from .backbone import weights_problem
+    from fastflow.core.backbone import weights_problem
 
     return sorted(p for backbone, weights in space.weight_sources() if (p := weights_problem(backbone, weights)))
 

@@ -16,261 +16,34 @@ import logging
 import multiprocessing
 import os
 import signal
-import socket
-import time
-import warnings
-import zlib
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Optional
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import ConfigError, with_overrides
-from .paper import paper_numbers
-from .protocol import (LEAK_FREE, OBJECTIVES, RANKED_METRICS, Protocol, protocol_for_metric,
-                       protocol_for_objective, ranking_key)
-from .redact import redact
-from .selection import Fidelity, fidelity, fidelity_line, split_half_reliability
-from .registry import Promotion, promote
-from .signals import check as check_signals, install as install_signal_policy, is_dead, process_identity
-from .space import SearchSpace, choose_space, load_space, nested
-from .metrics import image_auroc_interval
-from .model_card import run_link
-from .study_note import Champion, study_description, terminal_summary, trial_description
-from .study_page import TrialRow, figure_png, render_study_page, trial_rows
-from .tracking import (BEST_HEATMAPS, child_run_summaries, end_run, ensure_experiment, find_parent_run,
-                       finish_parent_run, get_run, log_new_params, read_artifact, read_test_scores, record_lost_run,
-                       server_url, set_descriptions, set_owner, start_parent_run, start_run, tracking_uri, trial_runs)
-from .train import train_and_evaluate
-from .visualize import tidy_study_figure
+from fastflow.engine.protocol import RANKED_METRICS
+from fastflow.engine.selection import Fidelity
+from fastflow.engine.train import train_and_evaluate
+from fastflow.pages.study_page import TrialRow
+from fastflow.runtime.config import ConfigError, with_overrides
+from fastflow.runtime.redact import redact
+from fastflow.runtime.signals import check as check_signals, install as install_signal_policy, process_identity
+from fastflow.study.recovery import ENDED_ATTR, OWNER_ATTR, close_orphaned_trials
+from fastflow.study.space import SearchSpace, choose_space, load_space, nested
+from fastflow.study.storage import SweepSettings, load_study, parent_run
+from fastflow.study.summary import (SweepResult, best_trial, best_trial_metrics, describe_runs, state_counts, study_figures,
+                                    study_page, study_rows, trial_fidelity)
+from fastflow.tracking.registry import promote
+from fastflow.tracking.runs import finish_parent_run, record_lost_run, set_owner, start_run
+from fastflow.tracking.store import ensure_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-PARENT_ATTR = "mlflow_parent_run_id"
-EXPERIMENT_ATTR = "mlflow_experiment"
-OWNER_ATTR = "worker"  # host:pid:start of the process running the trial
-RETRY_ATTR = "retry_of"
-ENDED_ATTR = "objective_ended"  # set by the worker when its objective returns or raises: absent if it died inside
-OBJECTIVE_ATTR = "objective"
-HEARTBEAT_SECONDS = 10
-GRACE_SECONDS = 30
-
-
-@dataclass(frozen=True)
-class SweepSettings:
-    space_path: Path
-    category: str
-    root: str
-    trials: int
-    workers: int = 1
-    study_name: str = ""
-    timeout: Optional[float] = None
-    objective: str = LEAK_FREE.objective  # val (leak-free, default) | test (paper protocol)
-    storage: str = ""
-    seed: int = 0
-    experiment: str = "fastflow"
-    heartbeat: int = HEARTBEAT_SECONDS
-    grace: int = GRACE_SECONDS
-    extra_fixed: dict = field(default_factory=dict)  # 'section.key' -> value, wins over the space
-    promote: bool = True  # register the best trial's model and move @champion if it improved
-
-    @property
-    def protocol(self) -> Protocol:
-        return protocol_for_objective(self.objective)
-
-    @property
-    def metric(self) -> str:
-        return self.protocol.metric
-
-    def resolved_study_name(self) -> str:
-        return self.study_name or f"fastflow-{self.category}-{Path(self.space_path).stem}"
-
-    def storage_url(self) -> str:
-        return self.storage or default_storage()
-
-
-def default_storage() -> str:
-    """$OPTUNA_STORAGE, else `sqlite:///mlruns/optuna.db`."""
-    if os.environ.get("OPTUNA_STORAGE"):
-        return os.environ["OPTUNA_STORAGE"]
-    Path("mlruns").mkdir(exist_ok=True)
-    return f"sqlite:///{Path('mlruns').resolve() / 'optuna.db'}"
-
-
 class PrunedTrial(optuna.TrialPruned):
     mlflow_status = "KILLED"
 
 
 class TrialError(RuntimeError):
     """A trial's failure as Optuna records and logs it: `<type>: <message>`, secrets masked."""
-
-
-def _retry_once(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue the trial's parameters again, once (a retry carries none of the dead trial's attributes)."""
-    if RETRY_ATTR not in trial.user_attrs and trial.params:
-        study.enqueue_trial(trial.params, user_attrs={RETRY_ATTR: trial.number})
-
-
-def _runs_of(study: optuna.Study, trial: FrozenTrial, experiment: str) -> list:
-    run_id = trial.user_attrs.get("mlflow_run_id")
-    return [get_run(run_id)] if run_id else trial_runs(experiment, study.study_name, trial.number)
-
-
-def _fail_runs(study: optuna.Study, trial: FrozenTrial, experiment: str, parent_run_id: str, reason: str) -> None:
-    """End the trial's RUNNING (or FINISHED but unrecorded) run FAILED; create a FAILED one if it had none."""
-    runs = _runs_of(study, trial, experiment)
-    for run in runs:
-        if run.info.status in ("RUNNING", "FINISHED"):
-            end_run(run.info.run_id, "FAILED", reason)
-    if not runs and parent_run_id:
-        record_lost_run(experiment, f"trial-{trial.number:03d}", parent_run_id,
-                        {"trial_number": trial.number, "study": study.study_name}, reason)
-
-
-def _mark_stale_run_failed(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Heartbeat-stale trial (its worker died; Optuna already set it FAIL): fail its MLflow run, retry once."""
-    _fail_runs(study, trial, study.user_attrs.get(EXPERIMENT_ATTR, "fastflow"), study.user_attrs.get(PARENT_ATTR, ""),
-               "worker died (Optuna heartbeat lost)")
-    _retry_once(study, trial)
-
-
-def close_dead_trial(study: optuna.Study, trial: FrozenTrial, metric: str, reason: str) -> TrialState:
-    """Close a RUNNING trial whose worker is gone, so trial and run agree: a FINISHED run completes the trial
-    with its logged value; a pruned (KILLED) run prunes it; otherwise the trial FAILs, its run is FAILED and
-    the trial is retried once. Returns the state set (or found, when another process closed it first)."""
-    experiment = study.user_attrs.get(EXPERIMENT_ATTR, "fastflow")
-    runs = _runs_of(study, trial, experiment)
-    finished = [r for r in runs if r.info.status == "FINISHED" and f"best/{metric}" in r.data.metrics]
-    pruned = [r for r in runs if r.info.status == "KILLED" and r.data.tags.get("pruned") == "true"]
-    storage = study._storage
-    try:
-        if finished:
-            metrics = finished[0].data.metrics
-            storage.set_trial_user_attr(trial._trial_id, "mlflow_run_id", finished[0].info.run_id)
-            for key in RANKED_METRICS + ("epoch",):
-                if f"best/{key}" in metrics:
-                    storage.set_trial_user_attr(trial._trial_id, "best_epoch" if key == "epoch" else key,
-                                                int(metrics[f"best/{key}"]) if key == "epoch" else metrics[f"best/{key}"])
-            storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [metrics[f"best/{metric}"]])
-            return TrialState.COMPLETE
-        if pruned:
-            storage.set_trial_state_values(trial._trial_id, TrialState.PRUNED)
-            return TrialState.PRUNED
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    except UpdateFinishedTrialError:  # closed meanwhile by another process
-        return storage.get_trial(trial._trial_id).state
-    _fail_runs(study, trial, experiment, study.user_attrs.get(PARENT_ATTR, ""), reason)
-    _retry_once(study, storage.get_trial(trial._trial_id))
-    return TrialState.FAIL
-
-
-def close_orphaned_trials(study: optuna.Study, metric: str, owners: tuple[str, ...] = ()) -> list[FrozenTrial]:
-    """Close RUNNING trials whose worker process on this host is dead, or whose owner is one of `owners`
-    (this process, after its optimize loop ended). Returns the trials closed."""
-    closed = []
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get(OWNER_ATTR, "")
-        if owner and (owner in owners or is_dead(owner)):
-            reason = f"worker {owner} died" if owner not in owners else "worker stopped during the trial"
-            state = close_dead_trial(study, trial, metric, reason)
-            log.warning("trial #%d (worker %s) closed as %s", trial.number, owner, state.name)
-            closed.append(trial)
-    return closed
-
-
-def _inferred_objective(study: optuna.Study) -> Optional[str]:
-    """The objective of a study from before it was stored: the one whose metric equals its trials' values."""
-    for trial in study.trials:
-        if trial.state == TrialState.COMPLETE and trial.value is not None:
-            matches = [o for o in OBJECTIVES if trial.user_attrs.get(protocol_for_objective(o).metric) == trial.value]
-            if len(matches) == 1:
-                return matches[0]
-    return None
-
-
-def make_storage(settings: SweepSettings) -> RDBStorage:
-    return RDBStorage(settings.storage_url(), heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
-                      heartbeat_stale_trial_callback=_mark_stale_run_failed)
-
-
-def make_pruner(name: str) -> optuna.pruners.BasePruner:
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner()
-    if name == "none":
-        return optuna.pruners.NopPruner()
-    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)  # epochs count from 1: never prune before epoch 2
-
-
-def load_study(settings: SweepSettings, space: SearchSpace, worker: int = 0) -> optuna.Study:
-    """Create or resume the study. TPE's seed mixes the worker index, the trials so far and the host,
-    so parallel workers, other machines and resumed runs do not replay the same start-up suggestions."""
-    study, _ = _create_or_load(settings, space)
-    host = zlib.crc32(socket.gethostname().encode()) % 10_000
-    study.sampler = optuna.samplers.TPESampler(seed=settings.seed + 1000 * worker + len(study.trials) + host)
-    return study
-
-
-def _create_or_load(settings: SweepSettings, space: SearchSpace) -> tuple[optuna.Study, bool]:
-    """(study, created by this call) — the database's unique study name decides who created it."""
-    kwargs = dict(study_name=settings.resolved_study_name(), storage=make_storage(settings))
-    try:
-        study = optuna.create_study(direction="maximize", pruner=make_pruner(space.pruner), **kwargs)
-        study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
-        return study, True
-    except optuna.exceptions.DuplicatedStudyError:
-        study = optuna.load_study(pruner=make_pruner(space.pruner), **kwargs)
-        check_objective(study, settings)
-        return study, False
-
-
-def check_objective(study: optuna.Study, settings: SweepSettings) -> None:
-    """The objective is part of a study's identity: values of two objectives are not comparable."""
-    stored = study.user_attrs.get(OBJECTIVE_ATTR) or _inferred_objective(study)
-    if stored is None:  # a study from before the objective was stored, with no complete trial: adopt this one
-        study.set_user_attr(OBJECTIVE_ATTR, settings.objective)
-    elif stored != settings.objective:
-        raise ValueError(f"study '{study.study_name}' optimizes --objective {stored} "
-                         f"({protocol_for_objective(stored).label}); it cannot be resumed with --objective "
-                         f"{settings.objective}. Resume it with --objective {stored}, or start another study "
-                         f"with --study <new name>")
-
-
-def parent_run(settings: SweepSettings, space: SearchSpace, wait_seconds: float = 120.0) -> str:
-    """The study's one MLflow parent run. Its creator stores the id on the study; processes that
-    merely load the study wait for it, so workers started together never create two parents."""
-    study, created = _create_or_load(settings, space)
-    tags = {"study": settings.resolved_study_name(), "storage": redact(settings.storage_url()),
-            "category": settings.category, "space": str(settings.space_path), "objective": settings.metric,
-            "selection_protocol": settings.protocol.label}
-    known = study.user_attrs.get(PARENT_ATTR) or find_parent_run(settings.experiment, study.study_name)
-    deadline = time.monotonic() + (0 if created or known else wait_seconds)
-    while known is None and PARENT_ATTR not in study.user_attrs and time.monotonic() < deadline:
-        time.sleep(1)
-        study = optuna.load_study(study_name=study.study_name, storage=study._storage)
-    run_id = start_parent_run(settings.experiment, study.study_name, tags, known or study.user_attrs.get(PARENT_ATTR))
-    log_new_params(run_id, study_params(settings, space))
-    study.set_user_attr(PARENT_ATTR, run_id)
-    study.set_user_attr(EXPERIMENT_ATTR, settings.experiment)
-    study.set_metric_names([objective_name(settings.protocol)])  # optuna-dashboard's name for the objective
-    return run_id
-
-
-def study_params(settings: SweepSettings, space: SearchSpace) -> dict[str, str]:
-    """The parent run's params: the search space (`space.<key>`), the values every trial gets (`fixed.<key>`) and
-    the study's settings (`study.*`)."""
-    params = {f"space.{name}": dist.describe() for name, dist in space.params.items()}
-    params.update({f"fixed.{key}": value for key, value in {**space.fixed, **settings.extra_fixed}.items()})
-    params.update({"study.name": settings.resolved_study_name(), "study.space_file": str(settings.space_path),
-                   "study.category": settings.category, "study.data_root": settings.root,
-                   "study.objective": f"maximize {settings.metric} ({settings.protocol.label})",
-                   "study.ranking": " > ".join(settings.protocol.ranking),
-                   "study.sampler": f"TPE, seed {settings.seed} (+ worker, trials so far, host)",
-                   "study.pruner": space.pruner})
-    return params
 
 
 def make_objective(settings: SweepSettings, space: SearchSpace, parent_run_id: str):
@@ -343,17 +116,6 @@ def split_trials(trials: int, workers: int) -> list[int]:
     return [trials // workers + (1 if i < trials % workers else 0) for i in range(workers)]
 
 
-@dataclass
-class SweepResult:
-    study_name: str
-    parent_run_id: str
-    best_trial: Optional[FrozenTrial]
-    counts: dict[str, int]
-    promotion: Optional[Promotion] = None
-    fidelity: Optional[Fidelity] = None  # validation vs test image AUROC across the complete trials
-    rows: list[TrialRow] = field(default_factory=list)  # every trial, best first (`study_page.trial_rows`)
-
-
 class WorkerDiedError(RuntimeError):
     """A sweep worker process ended abnormally (killed, crashed); its trial was closed and retried."""
 
@@ -388,7 +150,7 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     if dead:
         raise WorkerDiedError(_death_message(dead, study.trials))
     result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
-                         _counts(study), fidelity=study_fidelity, rows=rows)
+                         state_counts(study), fidelity=study_fidelity, rows=rows)
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
@@ -415,29 +177,9 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
     except Exception as error:  # the page is a view: never leave the parent run RUNNING over it
         log.warning("no study page: %s: %s", type(error).__name__, error)
         page = ""
-    metrics = {**_best_metrics(study, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
+    metrics = {**best_trial_metrics(study, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
     finish_parent_run(parent_run_id, figures, metrics, status, page)
     describe_runs(settings, parent_run_id, rows, None, study_fidelity)
-
-
-def describe_runs(settings: SweepSettings, parent_run_id: str, rows: list[TrialRow],
-                  promotion: Optional[Promotion] = None, study_fidelity: Optional[Fidelity] = None) -> None:
-    """The descriptions MLflow shows atop each Overview: the parent run's (ranked trials with links, champion and
-    how to load it) and each trial's (rank, objective, state, best epoch). A view: failures are only logged."""
-    champion = (Champion(promotion.name, promotion.version, promotion.promoted, promotion.champion)
-                if promotion is not None else None)
-    try:
-        experiment_id = get_run(parent_run_id).info.experiment_id
-        parent_link = run_link(experiment_id, parent_run_id)
-        study_name, protocol = settings.resolved_study_name(), settings.protocol
-        complete = sum(row.state == "complete" for row in rows)
-        notes = {row.run_id: trial_description(row, protocol, complete, study_name, parent_link, champion)
-                 for row in rows if row.run_id}
-        notes[parent_run_id] = study_description(study_name, settings.category, protocol, rows, experiment_id,
-                                                 parent_run_id, champion, fidelity_line(study_fidelity, "complete trials"))
-        set_descriptions(notes)
-    except Exception as error:
-        log.warning("run descriptions not written: %s: %s", type(error).__name__, error)
 
 
 def _death_message(dead: list[tuple[int, str, int]], trials: list[FrozenTrial]) -> str:
@@ -486,96 +228,3 @@ def _run_processes(settings: SweepSettings, parent_run_id: str, per_worker: list
     return [(i, identity, p.exitcode) for i, (p, identity) in enumerate(zip(processes, identities)) if p.exitcode]
 
 
-def objective_name(protocol: Protocol) -> str:
-    """The objective's name in Optuna and on the study figures, e.g. `image_auroc (test set (paper protocol))`."""
-    return f"{protocol.metric} ({protocol.label})"
-
-
-def trial_rank(trial: FrozenTrial, protocol: Protocol) -> tuple[float, ...]:
-    """The objective, then the protocol's tie-breaking metrics (stored on the trial); larger is better."""
-    return ranking_key({**trial.user_attrs, protocol.metric: trial.value}, protocol)
-
-
-def best_trial(study: optuna.Study, protocol: Protocol) -> Optional[FrozenTrial]:
-    """The best complete trial by `protocol.ranking`; among exact ties the earliest."""
-    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    return max(complete, key=lambda t: trial_rank(t, protocol)) if complete else None
-
-
-def trial_fidelity(study: optuna.Study, protocol: Protocol) -> Optional[Fidelity]:
-    """Validation vs test image AUROC (each at its trial's selected epoch) across the complete trials, the
-    selected trial being the study's best, and how reliably the test set ranks those trials (from each trial's
-    per-image test scores). None when the trials have no validation score."""
-    best = best_trial(study, protocol)
-    rows = [t for t in study.trials if t.state == TrialState.COMPLETE
-            and "val_image_auroc" in t.user_attrs and "image_auroc" in t.user_attrs]
-    if best is None or best not in rows:
-        return None
-    figures = fidelity([t.user_attrs["val_image_auroc"] for t in rows], [t.user_attrs["image_auroc"] for t in rows],
-                       rows.index(best))
-    scores = [read_test_scores(t.user_attrs["mlflow_run_id"]) for t in rows]
-    if any(s is None for s in scores) or len({tuple(s["images"]) for s in scores}) != 1:
-        return figures  # a trial without per-image scores, or on other test images: no reliability
-    return replace(figures, test_reliability=split_half_reliability(scores[0]["labels"], [s["scores"] for s in scores]))
-
-
-def study_figures(study: optuna.Study, protocol: Protocol) -> dict:
-    """Optimization history, parameter importance and parallel coordinates (those computable now)."""
-    from optuna.visualization import matplotlib as plots
-
-    figures = {}
-    for name, plot in (("optimization_history", plots.plot_optimization_history),
-                       ("param_importances", plots.plot_param_importances),
-                       ("parallel_coordinate", plots.plot_parallel_coordinate)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                target = f"{protocol.metric} ({protocol.name})"
-                figures[f"{name}.png"] = tidy_study_figure(name, plot(study, target_name=target), protocol.label, target)
-        except Exception as error:  # e.g. importance needs >= 2 complete trials with varied params
-            log.info("skipping %s: %s", name, error)
-    return figures
-
-
-def study_rows(study: optuna.Study, protocol: Protocol, parent_run_id: str) -> list[TrialRow]:
-    """Every trial with its run's figures and intervals, best first. A complete run logged before intervals were
-    gets its test image AUROC's interval from its per-image test scores (`test_scores.json`), when it has them."""
-    rows = trial_rows(study.trials, child_run_summaries(parent_run_id), protocol)
-    for row in rows:
-        if row.state == "complete" and row.run_id and "image_auroc" not in row.intervals:
-            scores = read_test_scores(row.run_id)
-            try:
-                row.intervals["image_auroc"] = image_auroc_interval(scores["labels"], scores["scores"])
-            except (TypeError, KeyError, ValueError):  # no scores, or a single class
-                continue
-    return rows
-
-
-def study_page(study: optuna.Study, settings: SweepSettings, figures: dict, rows: list[TrialRow]) -> str:
-    """The HTML study page for the parent run: trials ranked, their runs, the champion's heatmaps, the figures."""
-    best = best_trial(study, settings.protocol)
-    heatmaps = read_artifact(best.user_attrs["mlflow_run_id"], BEST_HEATMAPS) if best is not None else None
-    return render_study_page(study.study_name, settings.category, settings.protocol, rows,
-                             best.number if best is not None else None, heatmaps,
-                             {name: figure_png(figure) for name, figure in figures.items()}, server_url())
-
-
-def _best_metrics(study: optuna.Study, protocol: Protocol) -> dict[str, float]:
-    best = best_trial(study, protocol)
-    if best is None:
-        return {}
-    values = {f"best/{k}": v for k, v in best.user_attrs.items() if isinstance(v, float)}
-    return {**values, f"best/{protocol.metric}": best.value, "best/trial_number": best.number}
-
-
-def _counts(study: optuna.Study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for trial in study.trials:
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts
-
-
-def summary_table(result: SweepResult, category: str, metric: str) -> str:
-    """Plain-text table for the terminal: best params and figures (AUROCs with intervals), the paper's numbers."""
-    return terminal_summary(result.study_name, result.rows, protocol_for_metric(metric), paper_numbers(category),
-                            fidelity_line(result.fidelity, "complete trials"))

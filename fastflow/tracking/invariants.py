@@ -21,9 +21,9 @@ from typing import Iterable, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from .protocol import protocol_for_metric
-from .registry import CHAMPION, best_version, model_versions
-from .tracking import connect
+from fastflow.engine.protocol import protocol_for_metric
+from fastflow.tracking.registry import CHAMPION, best_version, model_versions
+from fastflow.tracking.store import connect
 
 AGREE = {TrialState.COMPLETE: {"FINISHED"}, TrialState.PRUNED: {"KILLED"}, TrialState.FAIL: {"FAILED", "KILLED"}}
 INTERRUPTED = ("interrupted", "terminated (SIGTERM)")

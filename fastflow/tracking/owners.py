@@ -13,7 +13,7 @@ import socket
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from .signals import is_dead, process_identity
+from fastflow.runtime.signals import is_dead, process_identity
 
 log = logging.getLogger(__name__)
 OWNER_TAG = "owner"

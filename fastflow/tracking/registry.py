@@ -14,9 +14,7 @@ Safe to run again and from several machines at once, using only the registry's o
 from __future__ import annotations
 
 import logging
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import mlflow
@@ -24,10 +22,10 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .model_card import registered_model_description, run_link, version_description
-from .protocol import RANKED_METRICS, Protocol, protocol_for_metric, ranking_key
-from .redact import redact
-from .tracking import CHECKPOINT_ARTIFACT, connect, download_checkpoint, ensure_experiment, quoted, tracking_uri
+from fastflow.engine.protocol import Protocol, RANKED_METRICS, protocol_for_metric, ranking_key
+from fastflow.pages.model_card import registered_model_description, run_link, version_description
+from fastflow.runtime.redact import redact
+from fastflow.tracking.store import connect, ensure_experiment, quoted, tracking_uri
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
@@ -193,7 +191,7 @@ def _describe(client: MlflowClient, name: str, version: str, run, metric: str) -
         run_link(run.info.experiment_id, run.info.run_id)))
 
 
-# ---------------------------------------------------------------- loading logged models (predict, export)
+# ---------------------------------------------------------------- the run behind a `models:/` URI (predict, export)
 
 
 def registered_model_names() -> list[str]:
@@ -242,12 +240,3 @@ def model_run_id(model: str) -> str:
     return run_id
 
 
-def load_logged_predictor(uri: str):
-    """A registered or logged model -> its `inference.Predictor`, from the run's checkpoint read as data
-    (`weights_only`); never through `mlflow.pyfunc.load_model`, which would run the model's stored code."""
-    from .inference import Predictor
-
-    run_id = model_run_id(uri)
-    with tempfile.TemporaryDirectory() as folder:
-        path = download_checkpoint(run_id, Path(folder))
-        return Predictor.from_file(path, label=f"{uri} (run {run_id}, artifact {CHECKPOINT_ARTIFACT})")

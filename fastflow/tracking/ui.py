@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from .tracking import LOCAL_STORE, experiment_url, tracking_uri
+from fastflow.tracking.store import LOCAL_STORE, experiment_url, tracking_uri
 
 
 @dataclass

@@ -2,7 +2,7 @@
 scripts/distributed_test.sh (`make test-distributed`) starts and fills from two `fastflow sweep` workers.
 
 Skipped unless that script set FASTFLOW_DISTRIBUTED_STUDY (with OPTUNA_STORAGE and MLFLOW_TRACKING_URI).
-`python tests/test_distributed.py` prints the study's run tree.
+`python tests/e2e/test_distributed.py` prints the study's run tree.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def test_champion_is_the_study_best_and_loads(study, runs):
     import numpy as np
     from optuna.trial import TrialState
 
-    from fastflow.registry import CHAMPION, model_name
+    from fastflow.tracking.registry import CHAMPION, model_name
 
     _, children = runs
     champion = _client().get_model_version_by_alias(model_name(CATEGORY), CHAMPION)
@@ -164,7 +164,7 @@ def print_tree() -> None:
             print(f"  └─ {run.info.run_name} {run.info.run_id} {_machine(run)} [{run.info.status}] "
                   f"trial {trial.state.name} value={trial.value} params={trial.params} artifacts={artifacts}")
     try:
-        from fastflow.registry import CHAMPION, model_name
+        from fastflow.tracking.registry import CHAMPION, model_name
 
         champion = client.get_model_version_by_alias(model_name(CATEGORY), CHAMPION)
         print(f"registry: {model_name(CATEGORY)} v{champion.version} @{CHAMPION} <- run {champion.run_id}")

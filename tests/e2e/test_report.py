@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
 from fastflow import cli
-from fastflow.paper import CAIT_PER_CATEGORY
-from fastflow.protocol import LEAK_FREE, PAPER
-from fastflow.metrics import image_auroc, image_auroc_interval, pixel_auroc, pixel_counts
-from fastflow.report import write_report
+from fastflow.core.metrics import image_auroc, image_auroc_interval, pixel_auroc, pixel_counts
+from fastflow.data.paper import CAIT_PER_CATEGORY
+from fastflow.engine.protocol import LEAK_FREE, PAPER
+from fastflow.study.report import write_report
 
-from conftest import mlflow_store
+from conftest import tracking_store
 
 EXPERIMENT = "report-tests"
 
@@ -36,12 +34,8 @@ RUNS = [
 def store(tmp_path_factory: pytest.TempPathFactory):
     """The runs above in a tmp sqlite store, plus a study-style run without a backbone tag; -> best run ids."""
     tmp_path = tmp_path_factory.mktemp("report-store")
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    with tracking_store(tmp_path):
         yield _fill(tmp_path)
-    mlflow.set_tracking_uri(before)
 
 
 def _fill(tmp_path: Path) -> dict[tuple[str, str], str]:

@@ -21,53 +21,17 @@ from optuna.trial import TrialState
 from sklearn.metrics import roc_auc_score
 
 from fastflow import cli
-from fastflow.config import ConfigError
-from fastflow.metrics import interval_keys
-from fastflow.protocol import LEAK_FREE, PAPER, RANKED_METRICS
-from fastflow.registry import CHAMPION, model_name, promote
-from fastflow.selection import split_half_reliability
-from fastflow.space import load_space
-from fastflow.sweep import SweepSettings, objective_name, run_sweep, summary_table, trial_rank
+from fastflow.core.metrics import interval_keys
+from fastflow.engine.protocol import LEAK_FREE, PAPER, RANKED_METRICS
+from fastflow.engine.selection import split_half_reliability
+from fastflow.runtime.config import ConfigError
+from fastflow.study.space import load_space
+from fastflow.study.storage import SweepSettings, objective_name
+from fastflow.study.summary import summary_table, trial_rank
+from fastflow.study.sweep import run_sweep
+from fastflow.tracking.registry import CHAMPION, model_name, promote
 
-from conftest import mlflow_store
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY_SPACE = """
-category: synthetic
-trials: 4
-preset: {type: categorical, choices: [efficientnet_lite0]}
-presets_dir: %(presets)s
-params:
-  model.flow_steps: {type: int, low: 2, high: 4, step: 2}
-  train.lr: {type: float, low: 5.0e-4, high: 2.0e-3, log: true}
-  model.anomaly_map: {type: categorical, choices: [z2, nll]}
-fixed:
-  model.input_size: 64
-  train.epochs: %(epochs)s
-  train.batch_size: 8
-  train.max_train_images: 16
-  train.cache_dir: %(cache)s
-  eval.heatmap_images: 2
-  eval.eval_every: 1
-pruner: median
-"""
-
-
-@pytest.fixture
-def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """MLflow and Optuna stores in tmp_path, through the same environment variables users set."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    return {"tmp": tmp_path}
-
-
-def write_space(tmp_path: Path, epochs: int = 2, name: str = "tiny.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(TINY_SPACE % {"presets": REPO / "experiments", "epochs": epochs, "cache": tmp_path / "cache"})
-    return path
-
+from conftest import REPO, write_space
 
 def settings_for(tmp_path: Path, space: Path, synthetic_root: Path, **kwargs) -> SweepSettings:
     defaults = dict(space_path=space, category="synthetic", root=str(synthetic_root), trials=4, workers=1,
@@ -414,7 +378,7 @@ def _notice_limit(stores: dict) -> float:
     for the network (the bug: minutes per trial) exceeds both."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(stores["tmp"] / "hf")}
     start = time.monotonic()
-    subprocess.run([sys.executable, "-c", "import fastflow.cli, fastflow.space"], cwd=REPO, env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import fastflow.cli, fastflow.study.space"], cwd=REPO, env=env, check=True)
     return max(30.0, time.monotonic() - start + 20.0)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import subprocess
 import sys
@@ -22,13 +21,14 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from fastflow import cli
-from fastflow.config import RunConfig, flatten, load_config
-from fastflow.data import ImageDataset, anomaly_spec, make_splits
-from fastflow.tracking import program, start_run
-from fastflow.protocol import LEAK_FREE
-from fastflow.train import NonFiniteLossError, TrainResult, train_and_evaluate
+from fastflow.data.dataset import ImageDataset, anomaly_spec, make_splits
+from fastflow.engine.protocol import LEAK_FREE
+from fastflow.engine.train import NonFiniteLossError, TrainResult, train_and_evaluate
+from fastflow.runtime.config import RunConfig, flatten, load_config
+from fastflow.tracking.lineage import program
+from fastflow.tracking.runs import start_run
 
-from conftest import DEMO_YAML, fast_config
+from conftest import DEMO_YAML, fast_config, restored_tracking_uri
 
 EPOCH_METRICS = ("train/loss", "eval/image_auroc", "eval/pixel_auroc", "eval/aupro", "eval/off_defect_image_auroc",
                  "eval/val_off_defect_image_auroc")
@@ -58,10 +58,9 @@ def tracked_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) 
     """One 3-epoch demo run (EfficientNet-Lite0 from PyPI, 64 px, 16 train images) tracked to sqlite."""
     tmp = tmp_path_factory.mktemp("tracked")
     cfg = fast_config(tmp, "train.epochs=3", "train.batch_size=8", data_root=synthetic_root)
-    before = os.environ.get("MLFLOW_TRACKING_URI")
-    with start_run(cfg) as tracker:
-        result = train_and_evaluate(cfg, tracker)
-    mlflow.set_tracking_uri(before)  # start_run sets (and exports) it; conftest restores it per test only
+    with restored_tracking_uri():  # start_run sets (and exports) it; conftest restores it per test only
+        with start_run(cfg) as tracker:
+            result = train_and_evaluate(cfg, tracker)
     return cfg, result, tracker.run_id
 
 
@@ -222,7 +221,7 @@ def test_one_training_image_is_warned_about(tmp_path: Path, caplog) -> None:
     folder = write_tiny_category(tmp_path / "data", n_train=1)
     cfg = fast_config(tmp_path, "train.epochs=1", "tracking.enabled=false", "eval.heatmap_images=0",
                       f"data.root={folder.parent}", f"data.category={folder.name}")
-    with caplog.at_level(logging.WARNING, logger="fastflow.train"):
+    with caplog.at_level(logging.WARNING, logger="fastflow.engine.train"):
         train_and_evaluate(cfg)
     assert "only 1 training image (" in caplog.text and str(folder.parent) in caplog.text
 
@@ -269,14 +268,14 @@ def test_feature_cache_hit_and_memory_cache_match(tmp_path: Path, synthetic_root
                  "eval.heatmap_images=0")
     cfg = fast_config(tmp_path, *overrides, data_root=synthetic_root)
     cache_dir = Path(cfg.train.cache_dir)
-    with caplog.at_level(logging.INFO, logger="fastflow.features"):
+    with caplog.at_level(logging.INFO, logger="fastflow.data.features"):
         first = train_and_evaluate(cfg)
     entries = _cache_files(cache_dir)
     assert sorted(name.split("-")[1] for name in entries) == ["test", "train", "validation"]
     assert sum("feature cache hit" in r.getMessage() for r in caplog.records) == 0
     caplog.clear()
     time.sleep(0.01)
-    with caplog.at_level(logging.INFO, logger="fastflow.features"):
+    with caplog.at_level(logging.INFO, logger="fastflow.data.features"):
         second = train_and_evaluate(cfg)
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("feature cache hit") for m in messages) == 3, messages

@@ -11,28 +11,20 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from fastflow.invariants import check_all, check_runs_and_trials
-from fastflow.space import load_space
-from fastflow.sweep import OWNER_ATTR, SweepSettings, make_objective, run_sweep
+from fastflow.study.recovery import OWNER_ATTR
+from fastflow.study.space import load_space
+from fastflow.study.storage import SweepSettings
+from fastflow.study.sweep import make_objective, run_sweep
+from fastflow.tracking.invariants import check_all, check_runs_and_trials
 
-from conftest import DEMO_YAML, mlflow_store
-from test_sweep import write_space
+from conftest import DEMO_YAML, write_space
 
 STUDY = "fastflow-synthetic-tiny"
-
-
-@pytest.fixture
-def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    monkeypatch.setenv("OPTUNA_STORAGE", f"sqlite:///{tmp_path / 'optuna.db'}")
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    return {"tmp": tmp_path, "storage": os.environ["OPTUNA_STORAGE"]}
 
 
 def _wait(predicate, seconds: float = 240, what: str = "condition"):
@@ -179,7 +171,7 @@ class _DroppedSignal:
         self.cycle = self  # freed only by the cyclic garbage collector
 
     def __del__(self):
-        if getattr(signal.getsignal(signal.SIGINT), "__module__", "") == "fastflow.signals":
+        if getattr(signal.getsignal(signal.SIGINT), "__module__", "") == "fastflow.runtime.signals":
             os.kill(os.getpid(), signal.SIGINT)
             for _ in range(10_000):  # the handler runs here, inside the finalizer
                 pass
@@ -188,7 +180,7 @@ class _DroppedSignal:
 @pytest.fixture
 def python_signal_handlers():
     """Restores this process's handlers, and forgets the signal the test sent itself."""
-    from fastflow import signals
+    from fastflow.runtime import signals
 
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     yield
@@ -199,9 +191,9 @@ def python_signal_handlers():
 
 def test_a_dropped_signal_still_stops_training_killed(make_config, python_signal_handlers):
     """Failed before the fix: the interrupt raised inside a finalizer was lost and training ran to the end."""
-    from fastflow import signals
-    from fastflow.tracking import start_run
-    from fastflow.train import train_and_evaluate
+    from fastflow.engine.train import train_and_evaluate
+    from fastflow.runtime import signals
+    from fastflow.tracking.runs import start_run
 
     cfg = make_config("train.epochs=4", "eval.heatmap_images=0")
     signals.install()

@@ -22,18 +22,17 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from fastflow import cli
-from fastflow.config import ConfigError, load_config
-from fastflow.features import EncodedSplit, FeatureCache
-from fastflow.protocol import PAPER, ranking_key
-from fastflow.redact import redact
-from fastflow.registry import CHAMPION, model_name, promote
-from fastflow.tracking import start_run
-from fastflow.train import train_and_evaluate
+from fastflow.data.features import EncodedSplit, FeatureCache
+from fastflow.engine.protocol import PAPER, ranking_key
+from fastflow.engine.train import train_and_evaluate
+from fastflow.runtime.config import ConfigError, load_config
+from fastflow.runtime.redact import redact
+from fastflow.tracking.registry import CHAMPION, model_name, promote
+from fastflow.tracking.runs import start_run
 
-from conftest import DEMO_YAML, fast_config, mlflow_store
+from conftest import DEMO_YAML, TINY_RUN, fast_config, mlflow_store, restored_tracking_uri, write_space
 
-TINY = ("train.epochs=1", "train.batch_size=8", "model.flow_steps=2", "train.max_train_images=8",
-        "eval.heatmap_images=0")
+TINY = (*TINY_RUN, "eval.heatmap_images=0")
 
 
 SECRET = "s3cret-pw"
@@ -47,19 +46,18 @@ def project(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
     folder = tmp_path_factory.mktemp("project")
     (folder / "mlruns").mkdir()
     store = folder / "mlruns" / "mlflow.db"
-    before = os.environ.get("MLFLOW_TRACKING_URI")
     args = ["train", "--config", str(DEMO_YAML)]
     for item in (f"data.root={synthetic_root}", f"train.cache_dir={folder / 'cache'}", "tracking.experiment=fastflow",
                  f"tracking.uri=sqlite:///{store}?password={SECRET}", "model.input_size=64", *TINY):
         args += ["--set", item]
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        assert cli.main(args) == 0
-    cfg = fast_config(folder, *TINY, "train.seed=1", "train.lr=3e-4", "tracking.experiment=fastflow",
-                      f"tracking.uri=sqlite:///{store}", data_root=synthetic_root)
-    with start_run(cfg) as tracker:
-        train_and_evaluate(cfg, tracker)
-    mlflow.set_tracking_uri(before)
+    with restored_tracking_uri():
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert cli.main(args) == 0
+        cfg = fast_config(folder, *TINY, "train.seed=1", "train.lr=3e-4", "tracking.experiment=fastflow",
+                          f"tracking.uri=sqlite:///{store}", data_root=synthetic_root)
+        with start_run(cfg) as tracker:
+            train_and_evaluate(cfg, tracker)
     run_ids = [r.info.run_id for r in MlflowClient(f"sqlite:///{store}").search_runs(
         [MlflowClient(f"sqlite:///{store}").get_experiment_by_name("fastflow").experiment_id])]
     return SimpleNamespace(folder=folder, run_ids=run_ids, printed=out.getvalue() + err.getvalue(),
@@ -191,7 +189,7 @@ def test_tracking_uri_password_never_written_or_printed(project, tmp_path: Path)
 
 def test_a_token_in_the_data_root_reaches_no_table_of_the_store(tmp_path: Path, synthetic_root: Path):
     """Failed before the fix: the datasets table (the UI's Dataset column) kept the data root's token."""
-    from fastflow.invariants import check_secrets
+    from fastflow.tracking.invariants import check_secrets
 
     token = "tok3n-in-the-root"
     root = tmp_path / f"data?token={token}"
@@ -207,10 +205,9 @@ def test_a_token_in_the_data_root_reaches_no_table_of_the_store(tmp_path: Path, 
 
 def test_a_token_in_a_trial_error_reaches_no_store_or_log(tmp_path: Path, monkeypatch, caplog):
     """Failed before the fix: Optuna logged the failed trial's error text, data root and token included."""
-    from fastflow.invariants import check_secrets
-    from fastflow.sweep import SweepSettings, run_sweep
-
-    from test_sweep import write_space
+    from fastflow.study.storage import SweepSettings
+    from fastflow.study.sweep import run_sweep
+    from fastflow.tracking.invariants import check_secrets
 
     token = "tok3n-in-an-error"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))

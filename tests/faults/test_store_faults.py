@@ -15,9 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fastflow import cli
-from fastflow.invariants import check_runs_and_trials
-from fastflow.tracking import start_run
-from fastflow.train import train_and_evaluate
+from fastflow.engine.train import train_and_evaluate
+from fastflow.tracking.invariants import check_runs_and_trials
+from fastflow.tracking.runs import start_run
 
 from conftest import DEMO_YAML, fast_config, mlflow_store
 from fault_env import MlflowServer, free_port, run_on_small_disk, small_disk_available

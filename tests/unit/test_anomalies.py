@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from fastflow.anomalies import (ANOMALY_TYPES, AnomalySpec, anomaly_kind, foreground, make_anomaly, perlin_noise,
-                                validation_anomaly)
-from fastflow.synthetic import make_texture
+from fastflow.data.anomalies import (ANOMALY_TYPES, AnomalySpec, anomaly_kind, foreground, make_anomaly, perlin_noise,
+                                     validation_anomaly)
+from fastflow.data.synthetic import make_texture
 
 SIZE = 96
 

@@ -11,16 +11,10 @@ import timm
 import torch
 from PIL import Image
 
-from fastflow.backbone import (
-    WeightsError,
-    create_backbone,
-    default_normalization,
-    full_model_state,
-    is_transformer_name,
-    map_by_order,
-)
-from fastflow.config import ModelConfig
-from fastflow.model import FastFlow
+from fastflow.core.backbone import (WeightsError, create_backbone, default_normalization, full_model_state,
+                                    is_transformer_name, map_by_order)
+from fastflow.core.model import FastFlow
+from fastflow.runtime.config import ModelConfig
 
 MILITARY_UNIFORM = 652  # ImageNet class of Grace Hopper's portrait (the classic timm/TF sample)
 
@@ -156,7 +150,7 @@ def test_weights_of_another_model_are_rejected(tmp_path):
     import timm
     import torch
 
-    from fastflow.backbone import WeightsError, create_backbone
+    from fastflow.core.backbone import WeightsError, create_backbone
 
     path = tmp_path / "resnet34.pth"
     torch.save(timm.create_model("resnet34", pretrained=False).state_dict(), path)
@@ -167,7 +161,7 @@ def test_weights_of_another_model_are_rejected(tmp_path):
 def test_transformer_runs_at_a_non_native_input_size():
     import torch
 
-    from fastflow.backbone import create_backbone
+    from fastflow.core.backbone import create_backbone
 
     backbone = create_backbone("deit_tiny_patch16_224", "none", (7,), input_size=160)
     (features,) = backbone(torch.rand(1, 3, 160, 160))

@@ -6,19 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fastflow.config import (
-    ConfigError,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    config_from_dict,
-    dump_yaml,
-    flatten,
-    load_config,
-    read_yaml,
-    to_dict,
-    with_overrides,
-)
+from fastflow.runtime.config import (ConfigError, ModelConfig, RunConfig, TrainConfig, config_from_dict, dump_yaml,
+                                     flatten, load_config, read_yaml, to_dict, with_overrides)
 
 from conftest import REPO
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from fastflow.config import DataConfig
-from fastflow.anomalies import ANOMALY_TYPES, AnomalySpec
-from fastflow.data import (ImageDataset, Sample, category_dir, content_hash, held_out_count, list_test, load_rgb,
-                           make_splits)
+from fastflow.data.anomalies import ANOMALY_TYPES, AnomalySpec
+from fastflow.data.dataset import (ImageDataset, Sample, category_dir, content_hash, held_out_count, list_test,
+                                   load_rgb, make_splits)
+from fastflow.runtime.config import DataConfig
 
 from conftest import TINY_CATEGORY, TINY_DEFECT, TINY_SIZE
 
@@ -146,7 +146,7 @@ def test_wrong_size_mask_is_resized_with_a_warning(tiny_mvtec: Path, caplog: pyt
     full = np.asarray(Image.open(mask_path))
     Image.fromarray(full[::2, ::2], "L").save(mask_path)  # 32x32 for a 64x64 image
     samples = make_splits(_cfg(tiny_mvtec)).test
-    with caplog.at_level(logging.WARNING, logger="fastflow.data"):
+    with caplog.at_level(logging.WARNING, logger="fastflow.data.dataset"):
         image, mask, label = ImageDataset(samples, TINY_SIZE)[0]
     assert any("000_mask.png" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     assert mask.shape == (1, TINY_SIZE, TINY_SIZE) and label == 1
@@ -155,7 +155,7 @@ def test_wrong_size_mask_is_resized_with_a_warning(tiny_mvtec: Path, caplog: pyt
 
 def test_right_size_mask_loads_silently(tiny_mvtec: Path, caplog: pytest.LogCaptureFixture) -> None:
     samples = make_splits(_cfg(tiny_mvtec)).test
-    with caplog.at_level(logging.WARNING, logger="fastflow.data"):
+    with caplog.at_level(logging.WARNING, logger="fastflow.data.dataset"):
         _, mask, _ = ImageDataset(samples, 32)[1]
     assert not caplog.records
     assert set(mask.unique().tolist()) == {0.0, 1.0}
@@ -249,7 +249,7 @@ def test_synthetic_defect_validation_rows(tiny_mvtec: Path) -> None:
 def test_dataset_hash_is_the_same_data_under_every_seed_split(tiny_mvtec: Path) -> None:
     """Without validation/good the held-out normals are drawn per seed; runs that differ only in their seed must
     still name the same data (the report averages them as one configuration; the concatenation's hash did not)."""
-    from fastflow.data import content_hash, dataset_hash, make_splits
+    from fastflow.data.dataset import content_hash, dataset_hash, make_splits
 
     data = DataConfig(root=str(tiny_mvtec.parent), category=tiny_mvtec.name, val_fraction=0.5, val_min_images=1)
     first, second = make_splits(data, seed=0), make_splits(data, seed=3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fastflow.download import DownloadError, download_mvtec, sha256_of
+from fastflow.data.download import DownloadError, download_mvtec, sha256_of
 
 
 def make_archive(tmp_path: Path) -> Path:

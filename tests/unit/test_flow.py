@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastflow.anomaly_map import anomaly_map, image_score, nll_map, z2_map
-from fastflow.config import ModelConfig
-from fastflow.flow import PositionLogJacBlock, build_flow, run_flow
-from fastflow.loss import nll_loss
-from fastflow.model import FastFlow, count_parameters
+from fastflow.core.anomaly_map import anomaly_map, image_score, nll_map, z2_map
+from fastflow.core.flow import PositionLogJacBlock, build_flow, run_flow
+from fastflow.core.loss import nll_loss
+from fastflow.core.model import FastFlow, count_parameters
+from fastflow.runtime.config import ModelConfig
 
 
 def _random_flow(channels: int, height: int, width: int, steps: int, conv3x3_only: bool, seed: int = 0,
@@ -186,7 +186,7 @@ def test_indexed_permutation_matches_freia_convolution(rev: bool) -> None:
     """PositionLogJacBlock shuffles channels by index; FrEIA's own block by a 1x1 convolution."""
     import FrEIA.modules as Fm
 
-    from fastflow.flow import PositionLogJacBlock, subnet_conv
+    from fastflow.core.flow import PositionLogJacBlock, subnet_conv
 
     torch.manual_seed(0)
     ours = PositionLogJacBlock([(6, 5, 4)], subnet_constructor=subnet_conv(3, 1.0), affine_clamping=2.0,

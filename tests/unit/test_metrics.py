@@ -8,9 +8,8 @@ import pytest
 from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
 
-from fastflow.metrics import (aupro, evaluate, f1_max, image_auroc, image_auroc_interval, pixel_auroc, pixel_counts,
-                             pixel_auroc_interval_of_counts,
-                             pixel_auroc_interval)
+from fastflow.core.metrics import (aupro, evaluate, f1_max, image_auroc, image_auroc_interval, pixel_auroc,
+                                   pixel_auroc_interval, pixel_auroc_interval_of_counts, pixel_counts)
 
 
 def _mvtec_aupro(masks, maps, x_max):

@@ -5,19 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow
 import optuna
-import pytest
 from mlflow.tracking import MlflowClient
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from fastflow.protocol import LEAK_FREE, PAPER
-from fastflow.registry import CHAMPION, model_name, promote
-from fastflow.sweep import best_trial
-from fastflow.tracking import ensure_experiment, log_pyfunc_model
-
-from conftest import mlflow_store
+from fastflow.engine.protocol import LEAK_FREE, PAPER
+from fastflow.study.summary import best_trial
+from fastflow.tracking.logger import log_pyfunc_model
+from fastflow.tracking.registry import CHAMPION, model_name, promote
+from fastflow.tracking.store import ensure_experiment
 
 
 def _study(rows: list[tuple[float, dict]]) -> optuna.Study:
@@ -47,9 +44,7 @@ def test_best_trial_breaks_ties_with_the_same_protocols_metrics() -> None:
     assert best_trial(exact, PAPER).number == 0  # a full tie keeps the earlier trial
 
 
-def test_promotion_breaks_ties_with_pixel_auroc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store(tmp_path))
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+def test_promotion_breaks_ties_with_pixel_auroc(tmp_path: Path, stores: dict) -> None:
     client = MlflowClient()
     experiment_id = ensure_experiment("ranking", os.environ["MLFLOW_TRACKING_URI"])
     checkpoint = tmp_path / "checkpoint.pt"

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastflow.anomaly_map import image_score, scale_maps
-from fastflow.config import ConfigError
-from fastflow.ema import ema_decay, make_ema
-from fastflow.export import export_predictor, run_exported
-from fastflow.inference import Predictor
-from fastflow.scoring import (NormalStats, image_nll, nll_image_score, normal_stats, score, score_scales,
-                              standardise)
-from fastflow.train import train_and_evaluate
+from fastflow.core.anomaly_map import image_score, scale_maps
+from fastflow.core.ema import ema_decay, make_ema
+from fastflow.core.scoring import (NormalStats, image_nll, nll_image_score, normal_stats, score, score_scales,
+                                   standardise)
+from fastflow.engine.train import train_and_evaluate
+from fastflow.runtime.config import ConfigError
+from fastflow.serve.export import export_predictor, run_exported
+from fastflow.serve.inference import Predictor
 
 
 def _maps(*values: float, size: int = 16) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_score_map_reads_another_kind_of_map_than_the_output() -> None:
     assert not torch.allclose(scores, score(latents, log_jacs, size, "nll", "none", "max", stats=stats,
                                             score_norm="position")[1])
     with pytest.raises(ConfigError, match="model.map_norm='position' is invalid; expected none when model.score_map"):
-        from fastflow.config import load_config
+        from fastflow.runtime.config import load_config
         load_config(None, ["model.anomaly_map=nll", "model.score_map=z2", "model.map_norm=position"])
 
 
@@ -175,9 +175,9 @@ class _IdentityFlow(torch.nn.Module):
 
 
 def test_held_out_stats_use_only_the_normal_rows() -> None:
-    from fastflow.config import RunConfig
-    from fastflow.evaluate import flow_outputs, held_out_stats
-    from fastflow.features import EncodedSplit
+    from fastflow.data.features import EncodedSplit
+    from fastflow.engine.evaluate import flow_outputs, held_out_stats
+    from fastflow.runtime.config import RunConfig
 
     features = torch.ones(5, 2, 4, 4)
     features[3:] = 50.0  # the defective rows (label 1) are far off; they must not move the statistics
@@ -196,7 +196,7 @@ def test_cross_fitted_scores_each_row_without_its_own_image() -> None:
     """Held-out normal 0 has a spike where the others are flat. With statistics that include it, the spike sets
     its own mean and std and hardly shows; left out, it scores as a new part with that spike would. Each
     anomalous copy is scored without its source image too."""
-    from fastflow.scoring import cross_fitted
+    from fastflow.core.scoring import cross_fitted
 
     g = torch.Generator().manual_seed(0)
     normals = 1.0 + 0.1 * torch.randn(6, 1, 8, 8, generator=g)
@@ -222,7 +222,7 @@ def test_cross_fitted_scores_each_row_without_its_own_image() -> None:
 
 
 def replace_model(cfg, **values):
-    from fastflow.config import with_overrides
+    from fastflow.runtime.config import with_overrides
     return with_overrides(cfg, {"model": values})
 
 
@@ -256,8 +256,8 @@ def test_tiny_run_per_option_scores_like_its_checkpoint(make_config, synthetic_r
     if cfg.train.ema_halflife > 0:  # the unselected (raw) weights are logged alongside
         assert all(0.0 <= row["eval/raw_image_auroc"] <= 1.0 for row in result.history)
     # the Predictor rebuilt from the checkpoint scores the test images as evaluation did at the chosen epoch
-    from fastflow.data import ImageDataset, anomaly_spec, make_splits
-    from fastflow.metrics import image_auroc
+    from fastflow.core.metrics import image_auroc
+    from fastflow.data.dataset import ImageDataset, anomaly_spec, make_splits
     splits = make_splits(cfg.data, seed=cfg.train.seed)
     test = ImageDataset(splits.test, cfg.model.input_size)
     predictor = Predictor(result.checkpoint)
@@ -317,9 +317,9 @@ def test_offline_space_combinations_are_valid_configs() -> None:
     """Every combination of the offline space's categorical choices (the new options included) is a valid run."""
     import itertools
 
-    from fastflow.space import load_space
+    from fastflow.study.space import load_space
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     space = load_space(repo / "sweeps" / "offline.yaml")
     assert {"model.image_score", "model.score_map", "eval.weights"} <= set(space.params)
     names = [n for n, d in space.params.items() if d.kind == "categorical"]
@@ -335,8 +335,8 @@ def test_off_defect_scores_tell_a_detected_defect_from_a_difference_off_the_defe
     """Defective images whose score comes from a bump inside their mask: left out, they score as normals do
     (off-defect AUROC near 0.5). Defective images that are brighter everywhere but inside their mask score as
     high with the defect left out (off-defect AUROC stays at the image AUROC): the score ranks something else."""
-    from fastflow.metrics import image_auroc
-    from fastflow.scoring import off_defect_scores
+    from fastflow.core.metrics import image_auroc
+    from fastflow.core.scoring import off_defect_scores
 
     g = torch.Generator().manual_seed(0)
     n, size = 40, 32

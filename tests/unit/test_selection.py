@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from fastflow.protocol import LEAK_FREE, PAPER, names_key, resolve_selection, resolve_threshold
-from fastflow.selection import (OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY, fidelity, reliability_words,
-                                split_half_reliability)
-from fastflow.train import epoch_fidelity
+from fastflow.engine.protocol import LEAK_FREE, PAPER, names_key, resolve_selection, resolve_threshold
+from fastflow.engine.selection import (OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY, fidelity,
+                                       reliability_words, split_half_reliability)
+from fastflow.engine.train import epoch_fidelity
 
 
 def test_fidelity_of_constructed_sequences() -> None:

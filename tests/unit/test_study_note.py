@@ -8,11 +8,11 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from fastflow.protocol import LEAK_FREE
-from fastflow.study_note import NOTE_LIMIT, study_description, trial_description
-from fastflow.study_page import TrialRow
-from fastflow.tracking import NOTE_TAG, set_descriptions
-from fastflow.visualize import decision
+from fastflow.engine.protocol import LEAK_FREE
+from fastflow.pages.study_note import NOTE_LIMIT, study_description, trial_description
+from fastflow.pages.study_page import TrialRow
+from fastflow.pages.visualize import decision
+from fastflow.tracking.runs import NOTE_TAG, set_descriptions
 
 from conftest import mlflow_store
 

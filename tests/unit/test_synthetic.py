@@ -11,17 +11,9 @@ from PIL import Image
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from fastflow import synthetic
-from fastflow.synthetic import (
-    DEFECT_TYPES,
-    SPEC_FILE,
-    SyntheticSpec,
-    ensure_category,
-    generate_category,
-    make_defect,
-    make_texture,
-    sample_rng,
-)
+from fastflow.data import synthetic
+from fastflow.data.synthetic import (DEFECT_TYPES, SPEC_FILE, SyntheticSpec, ensure_category, generate_category,
+                                     make_defect, make_texture, sample_rng)
 
 SMALL = SyntheticSpec(seed=3, image_size=64, n_train=4, n_validation=2, n_test_good=2, n_test_per_defect=2)
 

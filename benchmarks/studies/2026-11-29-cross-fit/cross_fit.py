@@ -8,7 +8,7 @@ scores each held-out row with the statistics of the *other* held-out normals. On
 epoch the validation set is scored both ways (and with more anomalous copies), the test set with the statistics
 of all held-out normals, as in a run.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/cross_fit.py --root ../shared/data/mvtec3d_tire --category tire \
+    PYTHONPATH=. .venv/bin/python benchmarks/studies/2026-11-29-cross-fit/cross_fit.py --root ../shared/data/mvtec3d_tire --category tire \
         --seeds 0 1 2 --out /tmp/crossfit
 
 Writes `<out>/seed<N>.json` per seed and prints the table (`--summarize`: only the table).
@@ -20,21 +20,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/: per_seed.py
 
 import per_seed  # noqa: E402  (benchmarks/per_seed.py)
 
 import torch  # noqa: E402
 
-from fastflow.data import ImageDataset, anomaly_spec  # noqa: E402
-from fastflow.evaluate import evaluate_split, flow_outputs, held_out_stats  # noqa: E402
-from fastflow.features import encode  # noqa: E402
-from fastflow.selection import fidelity, split_half_reliability  # noqa: E402
+from fastflow.data.dataset import ImageDataset, anomaly_spec  # noqa: E402
+from fastflow.data.features import encode  # noqa: E402
+from fastflow.engine.evaluate import evaluate_split, flow_outputs, held_out_stats  # noqa: E402
+from fastflow.engine.selection import fidelity, split_half_reliability  # noqa: E402
 
 log = logging.getLogger("cross_fit")
 COPIES = (2, 6)  # the old default, and the new one: three times as many anomalous copies (less noise)

@@ -8,9 +8,9 @@ anomaly type each validation row carries and its source normal). `table` then sc
 outputs with the project's own scoring code (`fastflow.scoring`: held-out normal statistics, leave-one-out
 validation scores, fusion, image scores), so a new score or selection rule costs seconds, not a training:
 
-  nice python benchmarks/levers.py train --config experiments/efficientnet_lite0.yaml \\
+  nice python benchmarks/studies/2026-11-29-levers/levers.py train --config experiments/efficientnet_lite0.yaml \\
       --set data.root=../shared/data/mvtec_screw --set data.category=screw --epochs 10 --dump /tmp/screw-base
-  python benchmarks/levers.py table /tmp/screw-base [/tmp/tire-base ...] [--scores max mean] [--json out.json]
+  python benchmarks/studies/2026-11-29-levers/levers.py table /tmp/screw-base [/tmp/tire-base ...] [--scores max mean] [--json out.json]
 
 Test labels are used only for the reported test metrics; `val` columns and the leak-free epoch use none.
 """
@@ -29,17 +29,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository: fastflow
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/: per_seed.py
 
-from fastflow import metrics as M  # noqa: E402
-from fastflow.anomalies import anomaly_kind  # noqa: E402
-from fastflow.anomaly_map import scale_maps  # noqa: E402
-from fastflow.config import load_config  # noqa: E402
-from fastflow.data import anomaly_spec, make_splits, source_of  # noqa: E402
-from fastflow.features import EncodedSplit  # noqa: E402
-from fastflow.model import FastFlow  # noqa: E402
-from fastflow.scoring import cross_fitted, image_nll, normal_stats, off_defect_scores, score_scales  # noqa: E402
-from fastflow.train import encode_splits, seed_everything  # noqa: E402
+from fastflow.core import metrics as M  # noqa: E402
+from fastflow.core.anomaly_map import scale_maps  # noqa: E402
+from fastflow.core.model import FastFlow  # noqa: E402
+from fastflow.core.scoring import cross_fitted, image_nll, normal_stats, off_defect_scores, score_scales  # noqa: E402
+from fastflow.data.anomalies import anomaly_kind  # noqa: E402
+from fastflow.data.dataset import anomaly_spec, make_splits, source_of  # noqa: E402
+from fastflow.data.features import EncodedSplit  # noqa: E402
+from fastflow.engine.train import encode_splits, seed_everything  # noqa: E402
+from fastflow.runtime.config import load_config  # noqa: E402
 
 from per_seed import trained_epochs  # noqa: E402
 

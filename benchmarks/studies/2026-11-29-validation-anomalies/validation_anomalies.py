@@ -3,7 +3,7 @@
 candidate validation set scored at every epoch (the flows never see the validation set, so this is the same
 as one training per candidate, at a fraction of the cost).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/validation_anomalies.py --root ../shared/data/mvtec3d_tire \
+    PYTHONPATH=. .venv/bin/python benchmarks/studies/2026-11-29-validation-anomalies/validation_anomalies.py --root ../shared/data/mvtec3d_tire \
         --category tire --seeds 0 1 2 --out /tmp/valexp
 
 Per seed it writes `<out>/seed<N>.json` (per epoch: test metrics and each candidate's validation metrics, for
@@ -20,10 +20,12 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/: per_seed.py
 
 import per_seed  # noqa: E402  (benchmarks/per_seed.py)
 
@@ -31,13 +33,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
-from fastflow import metrics as M  # noqa: E402
-from fastflow.anomalies import AnomalySpec  # noqa: E402
-from fastflow.anomaly_map import anomaly_map, image_score  # noqa: E402
-from fastflow.data import ImageDataset  # noqa: E402
-from fastflow.evaluate import flow_outputs  # noqa: E402
-from fastflow.features import EncodedSplit, encode  # noqa: E402
-from fastflow.selection import fidelity  # noqa: E402
+from fastflow.core import metrics as M  # noqa: E402
+from fastflow.core.anomaly_map import anomaly_map, image_score  # noqa: E402
+from fastflow.data.anomalies import AnomalySpec  # noqa: E402
+from fastflow.data.dataset import ImageDataset  # noqa: E402
+from fastflow.data.features import EncodedSplit, encode  # noqa: E402
+from fastflow.engine.evaluate import flow_outputs  # noqa: E402
+from fastflow.engine.selection import fidelity  # noqa: E402
 
 ALL = ("cutpaste", "scar", "texture", "distortion", "painted")
 CANDIDATES = {  # one anomalous copy per held-out normal, so each candidate costs 29 images on tire

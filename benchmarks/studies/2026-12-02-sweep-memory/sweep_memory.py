@@ -3,7 +3,7 @@ this process, as `make sweep` does) on the synthetic category, every trial a tra
 curves, checkpoint and pyfunc model. A thread samples this process's resident memory (VmRSS) every 0.25 s; each
 sample is assigned to the trial running at that moment (Optuna's start/complete times).
 
-    .venv/bin/python benchmarks/sweep_memory.py [--trials 50] [--epochs 1] [--json out.json]
+    .venv/bin/python benchmarks/studies/2026-12-02-sweep-memory/sweep_memory.py [--trials 50] [--epochs 1] [--json out.json]
 
 Prints per trial the peak RSS, then the growth: the least-squares slope of the per-trial peak over the trials after
 the first five (the first ones load the backbone, MLflow's and Optuna's modules), the peak of the last five minus
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -78,8 +78,9 @@ def main() -> int:
     import matplotlib.pyplot as plt
     import optuna
 
-    from fastflow.sweep import SweepSettings, run_sweep
-    from fastflow.synthetic import SyntheticSpec, ensure_category
+    from fastflow.data.synthetic import SyntheticSpec, ensure_category
+    from fastflow.study.storage import SweepSettings
+    from fastflow.study.sweep import run_sweep
 
     folder = Path(tempfile.mkdtemp(prefix="fastflow-sweep-memory-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
