@@ -45,6 +45,16 @@ def _train(args) -> int:
     return 0
 
 
+def _reference(args) -> int:
+    signals.install()
+    cfg = load_config(args.config, args.set)
+    from fastflow.engine.train import reference_of
+    from fastflow.pages.reference import reference_line
+
+    print(reference_line(reference_of(cfg), cfg.data.category))
+    return 0
+
+
 def _sweep(args) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: Optuna logs each trial instead
     signals.install()
@@ -188,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
     train.set_defaults(handler=_train)
+
+    reference = commands.add_parser("reference", help="the kNN reference alone: nearest training patch on the same "
+                                                      "backbone features, no flow (leak-free: no training, no label)")
+    reference.add_argument("--config", type=Path, help="YAML experiment file, e.g. experiments/efficientnet_lite0.yaml")
+    reference.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                           help="override a config value, e.g. --set data.category=screw (repeatable)")
+    reference.set_defaults(handler=_reference)
 
     sweep = commands.add_parser("sweep", help="Optuna study over a search space; every trial is an MLflow run")
     sweep.add_argument("--space", type=Path, default=None,

@@ -7,6 +7,7 @@ from torch import nn
 
 from fastflow.core.backbone import create_backbone, default_normalization, is_transformer_name
 from fastflow.core.flow import build_flow, run_flow
+from fastflow.core.knn import local_average
 from fastflow.runtime.config import ModelConfig
 
 
@@ -28,7 +29,7 @@ class FastFlow(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1))
         shapes = [(c, cfg.input_size // s, cfg.input_size // s) for c, s in
                   zip(self.backbone.channels, self.backbone.strides)]
-        self.norms = nn.ModuleList(feature_norm(cfg, shape) for shape in shapes)
+        self.norms = nn.ModuleList(feature_norm(cfg, shape) for shape in shapes)  # after `local_average`
         self.flows = nn.ModuleList(
             build_flow(*shape, cfg.flow_steps, cfg.conv3x3_only, cfg.hidden_ratio, cfg.clamp) for shape in shapes)
 
@@ -53,7 +54,7 @@ class FastFlow(nn.Module):
     def forward_features(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         latents, log_jacs = [], []
         for feature, norm, flow in zip(features, self.norms, self.flows):
-            z, log_jac = run_flow(flow, norm(feature.float()))
+            z, log_jac = run_flow(flow, norm(local_average(feature.float(), self.cfg.feature_pool)))
             latents.append(z)
             log_jacs.append(log_jac)
         return latents, log_jacs

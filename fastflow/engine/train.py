@@ -31,6 +31,7 @@ from fastflow.data.dataset import (ImageDataset, Splits, anomaly_spec, content_h
                                    mean_level)
 from fastflow.data.features import EncodedSplit, FeatureCache, cache_key, encode_cached
 from fastflow.engine.evaluate import EpochEvaluation, evaluate_epoch, heatmap_indices, measure_inference
+from fastflow.engine.reference import knn_reference
 from fastflow.engine.protocol import names_key, resolve_selection, resolve_threshold
 from fastflow.engine.selection import Fidelity, fidelity, split_half_reliability
 from fastflow.runtime import signals
@@ -72,6 +73,7 @@ class TrainResult:
     pixel_counts: Optional[tuple] = None  # at the best epoch: metrics.pixel_counts of the test maps (normal, defect)
     threshold_source: str = ""
     fidelity: Optional[Fidelity] = None  # validation vs test across evaluated epochs (None without held-out normals)
+    reference: dict[str, float] = field(default_factory=dict)  # reference/* of the kNN reference (engine.reference)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,6 +105,7 @@ class Encoded:
     train: Optional[EncodedSplit]  # None when train.feature_cache is off
     validation: Optional[EncodedSplit]
     test: EncodedSplit
+    keys: dict[str, str] = field(default_factory=dict)  # split name -> its feature-cache key
 
 
 def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch.device) -> Encoded:
@@ -115,16 +118,29 @@ def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch
     if cfg.model.exposure != "none":
         model.set_exposure_level(level)
 
-    def run(samples, split_name, anomalies=None):
+    keys: dict[str, str] = {}
+
+    def run(samples, split_name, anomalies=None, encode=True):
         dataset = ImageDataset(samples, size, anomalies, seed=t.seed)
         defects = f"anomalies={anomalies.cache_tag()}-seed{t.seed}" if anomalies else ""  # generated per seed
-        key = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects, level)
-        return encode_cached(model, dataset, key, cache, cfg.eval.batch_size, device, cfg.data.num_workers,
-                             dtype, split_name)
+        keys[split_name] = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects, level)
+        return encode_cached(model, dataset, keys[split_name], cache, cfg.eval.batch_size, device,
+                             cfg.data.num_workers, dtype, split_name) if encode else None
 
-    train = run(splits.train, "train") if t.feature_cache != "off" else None
+    train = run(splits.train, "train", encode=t.feature_cache != "off")
     validation = run(splits.validation, "validation", anomaly_spec(cfg.data)) if splits.validation else None
-    return Encoded(train, validation, run(splits.test, "test"))
+    return Encoded(train, validation, run(splits.test, "test"), keys)
+
+
+def reference_of(cfg: RunConfig) -> dict[str, float]:
+    """`fastflow reference`: the kNN reference of `cfg`'s data and backbone features alone, with no flow trained (the
+    same features, cache entries and `reference/*` values a training run of `cfg` logs)."""
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
+    model = FastFlow(cfg.model).to(device)
+    encoded = encode_splits(model, cfg, splits, device)
+    return knn_reference(model, cfg, splits.train, encoded.train, encoded.test, encoded.keys, device)
 
 
 def _train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Encoded, device: torch.device,
@@ -260,13 +276,18 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
         tracker.log_dataset(cfg.data.category, data_hash, str(Path(cfg.data.root).resolve()),
                             {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
     encoded = encode_splits(model, cfg, splits, device)
+    # the same features without a flow, logged once: is a gap the backbone's or the flow's?
+    reference = (knn_reference(model, cfg, splits.train, encoded.train, encoded.test, encoded.keys, device)
+                 if cfg.eval.knn_reference else {})
+    if tracker is not None and reference:
+        tracker.log_metrics(reference, step=0)
     optimizer, scheduler, steps_per_epoch = make_optimizer(model, cfg, len(splits.train))
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
     generator = torch.Generator().manual_seed(cfg.train.seed)
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
     test_names = [f"{s.defect}/{Path(s.image).name}" for s in splits.test]
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
-                         selection_protocol=protocol.label, threshold_source=threshold_source)
+                         selection_protocol=protocol.label, threshold_source=threshold_source, reference=reference)
     best_key, train_seconds = None, 0.0
     test_scores: dict[int, np.ndarray] = {}  # per evaluated epoch: how reliably the test set ranks epochs
     for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):

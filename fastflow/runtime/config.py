@@ -65,6 +65,7 @@ class ModelConfig:
     mean: Optional[tuple[float, float, float]] = None  # None: the backbone's own (timm pretrained_cfg)
     std: Optional[tuple[float, float, float]] = None
     feature_norm: Literal["chw", "channel"] = "chw"  # CNN features' LayerNorm: over (C,H,W), or over C per position
+    feature_pool: int = 1  # each position's features averaged over its k x k neighbours before the norm (1: none)
     flow_steps: int = 8
     conv3x3_only: bool = True
     hidden_ratio: float = 1.0
@@ -111,6 +112,7 @@ class EvalConfig:
     threshold: Literal["auto", "f1", "val_quantile"] = "auto"  # auto: val_quantile when held-out normals exist
     val_quantile: float = 0.99
     weights: Literal["raw", "ema"] = "raw"  # evaluated, selected and saved; the other is logged as eval/<other>_*
+    knn_reference: bool = True  # log the kNN reference on the same features (reference/*), once per feature entry
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,8 @@ def _check_values(cfg: RunConfig) -> None:
         ("model.flow_steps", cfg.model.flow_steps >= 1, ">= 1"),
         ("model.hidden_ratio", cfg.model.hidden_ratio > 0, "> 0"),
         ("model.clamp", cfg.model.clamp > 0, "> 0"),
+        ("model.feature_pool", cfg.model.feature_pool >= 1 and cfg.model.feature_pool % 2 == 1,
+         "an odd number of positions >= 1 (1: no pooling)"),
         ("model.topk_fraction", 0 < cfg.model.topk_fraction <= 1, "in (0, 1]"),
         ("train.epochs", cfg.train.epochs >= 1, ">= 1"),
         ("train.batch_size", cfg.train.batch_size >= 1, ">= 1"),

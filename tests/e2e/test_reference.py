@@ -1,0 +1,73 @@
+"""The kNN feature reference of a run (fastflow.engine.reference), on real pixels: logged once per run under
+`reference/`, computed once per pair of feature-cache entries, and runnable alone (`fastflow reference`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import fast_config, restored_tracking_uri
+from fastflow import cli
+from fastflow.engine.reference import CACHE_FOLDER, PREFIX
+from fastflow.engine.train import reference_of, train_and_evaluate
+from fastflow.tracking.runs import start_run
+
+SETTINGS = ("model.input_size=128", "train.epochs=1", "train.max_train_images=0", "eval.heatmap_images=0")
+
+
+def _tracked(cfg) -> tuple[dict, str]:
+    with restored_tracking_uri(), start_run(cfg) as tracker:
+        result = train_and_evaluate(cfg, tracker)
+    return result.reference, tracker.run_id
+
+
+def _stored(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "cache" / CACHE_FOLDER).glob("*.json"))
+
+
+def test_reference_is_logged_once_per_run_and_computed_once_per_cache_entry(tmp_path: Path,
+                                                                           synthetic_root: Path) -> None:
+    cfg = fast_config(tmp_path, *SETTINGS, data_root=synthetic_root)
+    first, first_run = _tracked(cfg)
+    [stored] = _stored(tmp_path)
+    written = stored.stat().st_mtime_ns
+    second, second_run = _tracked(cfg)
+    assert _stored(tmp_path) == [stored] and stored.stat().st_mtime_ns == written  # read back, not recomputed
+    assert second == first == json.loads(stored.read_text())
+    client = MlflowClient(cfg.tracking.uri)
+    for run_id in (first_run, second_run):
+        history = client.get_metric_history(run_id, PREFIX + "image_auroc")
+        assert [(m.step, m.value) for m in history] == [(0, first[PREFIX + "image_auroc"])]  # exactly once
+        logged = client.get_run(run_id).data.metrics
+        assert {k: v for k, v in logged.items() if k.startswith(PREFIX)} == pytest.approx(first)
+    assert first[PREFIX + "image_auroc"] > 0.5  # the synthetic defects are found without any training
+    for metric in ("image_auroc", "pixel_auroc"):
+        assert 0.0 <= first[f"{PREFIX}{metric}_ci_low"] <= first[PREFIX + metric] <= first[f"{PREFIX}{metric}_ci_high"]
+    assert 0.0 <= first[PREFIX + "aupro"] <= 1.0 and 0.0 <= first[PREFIX + "off_defect_image_auroc"] <= 1.0
+
+
+def test_a_damaged_reference_entry_is_recomputed_and_replaced(tmp_path: Path, synthetic_root: Path) -> None:
+    cfg = fast_config(tmp_path, *SETTINGS, data_root=synthetic_root)
+    values = reference_of(cfg)
+    [stored] = _stored(tmp_path)
+    figures = lambda found: {k: v for k, v in found.items() if k != PREFIX + "seconds"}  # (the time it took varies)
+    for damage in ('{"reference/image_auroc": "high"}', "{not json", ""):
+        stored.write_text(damage)
+        again = reference_of(cfg)
+        assert figures(again) == figures(values)
+        assert json.loads(stored.read_text()) == again
+
+
+def test_reference_alone_from_the_command_line(tmp_path: Path, synthetic_root: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    cfg = fast_config(tmp_path, *SETTINGS, data_root=synthetic_root)
+    values = reference_of(cfg)
+    sets = [f"train.cache_dir={cfg.train.cache_dir}", f"data.root={synthetic_root}", *SETTINGS]
+    assert cli.main(["reference", "--config", "experiments/demo.yaml", *[a for s in sets for a in ("--set", s)]]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("kNN on the same features on synthetic (leak-free by construction")
+    assert f"image AUROC {values[PREFIX + 'image_auroc']:.3f} [" in line
+    assert f"pixel AUROC {values[PREFIX + 'pixel_auroc']:.3f} [" in line
