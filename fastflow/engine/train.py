@@ -26,7 +26,7 @@ from fastflow.core.ema import ema_decay, make_ema
 from fastflow.core.loss import nll_loss
 from fastflow.core.metrics import NonFiniteError
 from fastflow.core.model import FastFlow, count_parameters
-from fastflow.core.scoring import NormalStats, needs_stats
+from fastflow.core.scoring import NormalStats, ScoreSettings
 from fastflow.data.dataset import (ImageDataset, Splits, anomaly_spec, content_hash, dataset_hash, make_splits,
                                    mean_level)
 from fastflow.data.features import EncodedSplit, FeatureCache, cache_key, encode_cached
@@ -236,10 +236,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     protocol, ranking = resolve_selection(cfg.eval.selection_metric, bool(splits.validation))
     threshold_kind, threshold_source = resolve_threshold(cfg.eval.threshold, bool(splits.validation),
                                                          cfg.eval.val_quantile)
-    if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:
-        raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.score_norm={cfg.model.score_norm} / "
-                         f"model.image_score={cfg.model.image_score} need statistics of held-out normals: "
-                         "a validation/good folder or data.val_fraction > 0")
+    if ScoreSettings.of(cfg.model).needs_stats and not splits.validation:
+        raise ScoreSettings.of(cfg.model).missing_stats()
     reset_peak_memory(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
