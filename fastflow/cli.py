@@ -22,7 +22,8 @@ def _train(args) -> int:
 
     if missing_gpu(cfg.train.device):
         raise ConfigError(missing_gpu(cfg.train.device))
-    from fastflow.engine.train import resolve_device, train_and_evaluate
+    from fastflow.engine.train import train_and_evaluate
+    from fastflow.runtime.device import resolve_device
     from fastflow.tracking.runs import start_run
 
     resolve_device(cfg.train.device)  # torch's word on the device, before any run exists

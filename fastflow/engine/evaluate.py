@@ -38,10 +38,11 @@ class Evaluation:
     def normal_scores(self) -> np.ndarray:
         return self.scores[self.labels == 0]
 
-    def shown_images(self, samples: list[Sample], size: int) -> torch.Tensor:
-        """The shown test images `(k,3,S,S)` in [0,1], loaded from disk (a handful per evaluation)."""
-        dataset = ImageDataset([samples[i] for i in self.shown], size)
-        return torch.stack([dataset[i][0] for i in range(len(dataset))]) if self.shown else torch.empty(0)
+
+def load_images(samples: list[Sample], indices: list[int], size: int) -> torch.Tensor:
+    """The images `indices` of `samples` as `(k,3,S,S)` in [0,1] (the shown test images: loaded once per run)."""
+    dataset = ImageDataset([samples[i] for i in indices], size)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]) if indices else torch.empty(0)
 
 
 def heatmap_indices(labels: torch.Tensor, count: int) -> list[int]:

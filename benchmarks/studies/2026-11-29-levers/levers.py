@@ -40,7 +40,8 @@ from fastflow.core.scoring import (ScoreSettings, cross_fitted, image_nll, norma
 from fastflow.data.anomalies import anomaly_kind  # noqa: E402
 from fastflow.data.dataset import anomaly_spec, make_splits, source_of  # noqa: E402
 from fastflow.data.features import EncodedSplit  # noqa: E402
-from fastflow.engine.train import encode_splits, seed_everything  # noqa: E402
+from fastflow.engine.encode import encode_splits  # noqa: E402
+from fastflow.engine.train import seed_everything  # noqa: E402
 from fastflow.runtime.config import load_config  # noqa: E402
 
 from per_seed import trained_epochs  # noqa: E402
