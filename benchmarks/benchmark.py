@@ -51,7 +51,8 @@ from fastflow.data.dataset import ImageDataset, category_dir, list_good, list_te
 from fastflow.runtime.config import RunConfig, load_config  # noqa: E402
 from fastflow.serve.inference import Predictor  # noqa: E402
 import fastflow.engine.train  # noqa: E402
-from fastflow.engine.train import resolve_device, train_and_evaluate  # noqa: E402
+from fastflow.engine.train import train_and_evaluate  # noqa: E402
+from fastflow.runtime.device import resolve_device  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import profile_flow  # noqa: E402

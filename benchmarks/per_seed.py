@@ -35,12 +35,14 @@ def trained_epochs(model, cfg, splits, encoded, device, seed: int):
     the model after each epoch."""
     import torch
 
-    from fastflow.engine.train import _train_batches, make_optimizer, train_epoch
+    from fastflow.engine.encode import train_batches
+    from fastflow.engine.optimizer import make_optimizer
+    from fastflow.engine.train import train_epoch
 
     optimizer, scheduler, _ = make_optimizer(model, cfg, len(splits.train))
     generator = torch.Generator().manual_seed(seed)
     for epoch in range(1, cfg.train.epochs + 1):
-        loss, _ = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator), optimizer,
+        loss, _ = train_epoch(model, train_batches(model, cfg, splits, encoded, device, generator), optimizer,
                               scheduler, cfg, device, epoch)
         yield epoch, loss
 
@@ -52,7 +54,8 @@ def prepared(args: argparse.Namespace, seed: int):
 
     from fastflow.core.model import FastFlow
     from fastflow.data.dataset import make_splits
-    from fastflow.engine.train import encode_splits, seed_everything
+    from fastflow.engine.encode import encode_splits
+    from fastflow.engine.train import seed_everything
     from fastflow.runtime.config import load_config
 
     cfg = load_config(Path(args.preset), [f"data.root={args.root}", f"data.category={args.category}",

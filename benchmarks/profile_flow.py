@@ -26,7 +26,8 @@ from fastflow.core.loss import nll_loss
 from fastflow.core.model import FastFlow
 from fastflow.data.dataset import ImageDataset, make_splits
 from fastflow.engine import train
-from fastflow.engine.train import make_optimizer, seed_everything
+from fastflow.engine.optimizer import make_optimizer
+from fastflow.engine.train import seed_everything
 from fastflow.runtime.config import RunConfig
 
 

@@ -22,7 +22,8 @@ def _train(args) -> int:
 
     if missing_gpu(cfg.train.device):
         raise ConfigError(missing_gpu(cfg.train.device))
-    from fastflow.engine.train import resolve_device, train_and_evaluate
+    from fastflow.engine.train import train_and_evaluate
+    from fastflow.runtime.device import resolve_device
     from fastflow.tracking.runs import start_run
 
     resolve_device(cfg.train.device)  # torch's word on the device, before any run exists
@@ -48,7 +49,7 @@ def _train(args) -> int:
 def _reference(args) -> int:
     signals.install()
     cfg = load_config(args.config, args.set)
-    from fastflow.engine.train import reference_of
+    from fastflow.engine.encode import reference_of
     from fastflow.pages.reference import reference_line
 
     print(reference_line(reference_of(cfg), cfg.data.category))

@@ -1,6 +1,7 @@
 """Scores from flow outputs: per-scale maps, their standardisation by held-out normals, fusion, image scores.
 
-Tensors in, tensors out (no I/O). `score(...)` is the one entry that evaluation, `predict` and export share:
+Tensors in, tensors out (no I/O). `score(...)` is the one entry that evaluation, `predict` and export share; the
+`model.*` keys below travel together as `ScoreSettings`:
 
 - `map_norm` (the output map) and `score_norm` (the map the image score reads; `map`: the output map):
   `none` averages the raw per-scale maps; `scale` first standardises each scale's map with the
@@ -19,7 +20,7 @@ Tensors in, tensors out (no I/O). `score(...)` is the one entry that evaluation,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,51 @@ from fastflow.core.anomaly_map import MAP_SCORES, fuse, image_score as map_image
 MAP_NORMS = ("none", "scale", "position")
 NLL_SCORES = ("nll", "nll_z")
 IMAGE_SCORES = MAP_SCORES + NLL_SCORES
+
+
+def missing_stats(what: str) -> ValueError:
+    """The error for a score setting (`what`, e.g. `model.map_norm=scale`) that needs statistics of held-out normal
+    images where there are none."""
+    return ValueError(f"{what} needs statistics of held-out normal images; it takes held-out normals: a "
+                      "validation/good folder or data.val_fraction > 0")
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    """How flow outputs become maps and image scores: the `model.*` keys of the same names (`ScoreSettings.of`)."""
+
+    anomaly_map: str = "z2"  # the output map's kind
+    map_norm: str = "none"  # the output map's standardisation
+    image_score: str = "max"
+    topk_fraction: float = 0.01
+    score_norm: str = "map"  # the standardisation of the map the image score reads; map: the output map's
+    score_map: str = "output"  # the kind of map the image score reads; output: the output map's
+
+    @classmethod
+    def of(cls, model) -> "ScoreSettings":
+        """The score settings of a `ModelConfig` section."""
+        return cls(**{f.name: getattr(model, f.name) for f in fields(cls)})
+
+    @property
+    def stats_keys(self) -> list[str]:
+        """The settings that standardise by statistics of held-out normal images, as `model.<key>=<value>`."""
+        keys = [f"model.map_norm={self.map_norm}"] if self.map_norm != "none" else []
+        keys += [f"model.score_norm={self.score_norm}"] if self.score_norm not in ("map", "none") else []
+        return keys + (["model.image_score=nll_z"] if self.image_score == "nll_z" else [])
+
+    @property
+    def needs_stats(self) -> bool:
+        """Whether these settings need statistics of held-out normal images."""
+        return bool(self.stats_keys)
+
+    def missing_stats(self) -> ValueError:
+        """The error for these settings where there are no held-out normal statistics."""
+        return missing_stats(", ".join(self.stats_keys))
+
+    @property
+    def score_kind(self) -> str | None:
+        """The kind of map the image score reads when it is not the output map's (`score_map`), else None."""
+        return None if self.score_map in ("output", self.anomaly_map) else self.score_map
 
 
 def image_nll(latents: list[torch.Tensor], log_jacs: list[torch.Tensor]) -> torch.Tensor:
@@ -91,8 +137,7 @@ def standardise(maps: list[torch.Tensor], mode: str, stats: NormalStats | None) 
     if mode not in MAP_NORMS:
         raise ValueError(f"unknown map normalisation '{mode}'; known: {', '.join(MAP_NORMS)}")
     if stats is None:
-        raise ValueError(f"model.map_norm={mode} needs statistics of held-out normal images (a validation/good "
-                         f"folder or data.val_fraction > 0)")
+        raise missing_stats(f"model.map_norm={mode}")
     if mode == "scale":
         return [(m - mu) / sd for m, mu, sd in zip(maps, stats.scale_mean, stats.scale_std)]
     return [(m - mu) / sd for m, mu, sd in zip(maps, stats.position_mean, stats.position_std)]
@@ -104,22 +149,21 @@ def nll_image_score(nll: torch.Tensor, mode: str, stats: NormalStats | None) -> 
         return nll.mean(dim=1)
     if mode == "nll_z":
         if stats is None:
-            raise ValueError("model.image_score=nll_z needs statistics of held-out normal images "
-                             "(a validation/good folder or data.val_fraction > 0)")
+            raise missing_stats("model.image_score=nll_z")
         return ((nll - stats.nll_mean) / stats.nll_std).mean(dim=1)
     raise ValueError(f"unknown image score '{mode}'; known: {', '.join(IMAGE_SCORES)}")
 
 
-def image_score(maps: torch.Tensor, nll: torch.Tensor, mode: str, topk_fraction: float = 0.01,
+def image_score(maps: torch.Tensor, nll: torch.Tensor, settings: ScoreSettings,
                 stats: NormalStats | None = None) -> torch.Tensor:
-    if mode in NLL_SCORES:
-        return nll_image_score(nll, mode, stats)
-    return map_image_score(maps, mode, topk_fraction)
+    """`(B,1,H,W)` maps and `(B, n_scales)` image NLLs -> image scores `(B,)` by `settings.image_score`."""
+    if settings.image_score in NLL_SCORES:
+        return nll_image_score(nll, settings.image_score, stats)
+    return map_image_score(maps, settings.image_score, settings.topk_fraction)
 
 
-def score_scales(per_scale: list[torch.Tensor], nll: torch.Tensor, size: tuple[int, int], map_norm: str = "none",
-                 image_mode: str = "max", topk_fraction: float = 0.01, stats: NormalStats | None = None,
-                 score_norm: str = "map", score_per_scale: list[torch.Tensor] | None = None,
+def score_scales(per_scale: list[torch.Tensor], nll: torch.Tensor, size: tuple[int, int], settings: ScoreSettings,
+                 stats: NormalStats | None = None, score_per_scale: list[torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-scale maps `[(B,1,h,w)]` and image NLLs `(B, n_scales)` -> (fused anomaly map `(B,1,H,W)`, the map
     the image score reads `(B,1,H,W)`, scores `(B,)`).
@@ -129,34 +173,29 @@ def score_scales(per_scale: list[torch.Tensor], nll: torch.Tensor, size: tuple[i
     `score_per_scale`: per-scale maps of another kind for the score to read (`model.score_map`; `stats` are then
     theirs and `map_norm` must be `none`).
     """
+    map_norm, score_norm = settings.map_norm, settings.score_norm
     fused = fuse(standardise(per_scale, map_norm, stats), size)
     if score_per_scale is None:
         scored = fused if score_norm in ("map", map_norm) else fuse(standardise(per_scale, score_norm, stats), size)
     else:
         scored = fuse(standardise(score_per_scale, map_norm if score_norm == "map" else score_norm, stats), size)
-    return fused, scored, image_score(scored, nll, image_mode, topk_fraction, stats)
+    return fused, scored, image_score(scored, nll, settings, stats)
 
 
-def score_kind(anomaly_map: str, score_map: str) -> str | None:
-    """The kind of map the image score reads when it is not the output map's (`model.score_map`), else None."""
-    return None if score_map in ("output", anomaly_map) else score_map
-
-
-def score_with_map(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
-                   map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
-                   stats: NormalStats | None = None, score_norm: str = "map",
-                   score_map: str = "output") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def score_with_map(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int],
+                   settings: ScoreSettings, stats: NormalStats | None = None,
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flow outputs -> `score_scales` of their per-scale maps (and of the score's own kind, `score_map`)."""
-    per_scale = scale_maps(kind, latents, log_jacs)
-    other = score_kind(kind, score_map)
+    per_scale = scale_maps(settings.anomaly_map, latents, log_jacs)
+    other = settings.score_kind
     score_per_scale = scale_maps(other, latents, log_jacs) if other else None
-    nll = image_nll(latents, log_jacs) if image_mode in NLL_SCORES else per_scale[0].new_zeros(len(per_scale[0]), 0)
-    return score_scales(per_scale, nll, size, map_norm, image_mode, topk_fraction, stats, score_norm, score_per_scale)
+    nll = (image_nll(latents, log_jacs) if settings.image_score in NLL_SCORES
+           else per_scale[0].new_zeros(len(per_scale[0]), 0))
+    return score_scales(per_scale, nll, size, settings, stats, score_per_scale)
 
 
 def cross_fitted(per_scale: list[torch.Tensor], nll: torch.Tensor, normal: torch.Tensor, source: torch.Tensor,
-                 size: tuple[int, int], map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
-                 score_norm: str = "map", score_per_scale: list[torch.Tensor] | None = None,
+                 size: tuple[int, int], settings: ScoreSettings, score_per_scale: list[torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(fused maps, the maps the image scores read, image scores) of held-out rows, each row standardised with the
     statistics of the held-out normals other than its source image (`source[r]`, an index into the rows;
@@ -177,8 +216,7 @@ def cross_fitted(per_scale: list[torch.Tensor], nll: torch.Tensor, normal: torch
         rows = torch.nonzero(source == i).flatten()
         others = normal[normal != i]
         stats = normal_stats([m[others] for m in score_per_scale or per_scale], nll[others])
-        fused, read, row_scores = score_scales([m[rows] for m in per_scale], nll[rows], size, map_norm, image_mode,
-                                               topk_fraction, stats, score_norm,
+        fused, read, row_scores = score_scales([m[rows] for m in per_scale], nll[rows], size, settings, stats,
                                                [m[rows] for m in score_per_scale] if score_per_scale else None)
         maps[rows], scored[rows], scores[rows] = fused.cpu().float(), read.cpu().float(), row_scores.cpu().float()
     return maps, scored, scores
@@ -194,37 +232,29 @@ def grown(masks: torch.Tensor, margin: int) -> torch.Tensor:
     return F.max_pool2d(rows, (width, 1), stride=1, padding=(margin, 0)) > 0
 
 
-def off_defect_scores(scored: torch.Tensor, masks: torch.Tensor, image_mode: str, topk_fraction: float = 0.01,
+def off_defect_scores(scored: torch.Tensor, masks: torch.Tensor, settings: ScoreSettings,
                       margin: float = OFF_DEFECT_MARGIN) -> torch.Tensor | None:
     """Image scores `(N,)` read off the score maps `(N,1,H,W)` with each image's defect region (its mask `(N,1,H,W)`
     grown by `margin` of the side) left out: what the score says about the rest of the part. An image AUROC that
     stays high on these scores ranks images by something other than their defects (None for the whole-image NLL
     scores, which cannot leave a region out)."""
-    if image_mode not in MAP_SCORES:
+    if settings.image_score not in MAP_SCORES:
         return None
     region = grown(masks, max(1, round(margin * scored.shape[-1])))
-    if image_mode == "mean":
+    if settings.image_score == "mean":
         kept = (~region).flatten(start_dim=1).float()
         return (scored.flatten(start_dim=1) * kept).sum(dim=1) / kept.sum(dim=1).clamp_min(1.0)
     lowest = scored.flatten(start_dim=1).min(dim=1).values.view(-1, 1, 1, 1)
-    return map_image_score(torch.where(region, lowest, scored), image_mode, topk_fraction)
+    return map_image_score(torch.where(region, lowest, scored), settings.image_score, settings.topk_fraction)
 
 
-def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], kind: str,
-          map_norm: str = "none", image_mode: str = "max", topk_fraction: float = 0.01,
-          stats: NormalStats | None = None, score_norm: str = "map",
-          score_map: str = "output") -> tuple[torch.Tensor, torch.Tensor]:
+def score(latents: list[torch.Tensor], log_jacs: list[torch.Tensor], size: tuple[int, int], settings: ScoreSettings,
+          stats: NormalStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow outputs -> (fused anomaly map `(B,1,H,W)`, image scores `(B,)`); see `score_with_map`."""
-    fused, _, scores = score_with_map(latents, log_jacs, size, kind, map_norm, image_mode, topk_fraction, stats,
-                                      score_norm, score_map)
+    fused, _, scores = score_with_map(latents, log_jacs, size, settings, stats)
     return fused, scores
 
 
-def needs_stats(map_norm: str, image_mode: str, score_norm: str = "map") -> bool:
-    """Whether these settings need statistics of held-out normal images."""
-    return map_norm != "none" or score_norm not in ("map", "none") or image_mode == "nll_z"
-
-
-__all__ = ["MAP_NORMS", "IMAGE_SCORES", "NLL_SCORES", "NormalStats", "normal_stats", "image_nll", "standardise",
-           "nll_image_score", "image_score", "score", "score_with_map", "score_scales", "cross_fitted", "needs_stats",
-           "score_kind", "off_defect_scores", "OFF_DEFECT_MARGIN"]
+__all__ = ["MAP_NORMS", "IMAGE_SCORES", "NLL_SCORES", "ScoreSettings", "missing_stats", "NormalStats", "normal_stats",
+           "image_nll", "standardise", "nll_image_score", "image_score", "score", "score_with_map", "score_scales",
+           "cross_fitted", "off_defect_scores", "OFF_DEFECT_MARGIN"]

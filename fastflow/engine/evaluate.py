@@ -11,8 +11,8 @@ import torch
 from fastflow.core import metrics as M
 from fastflow.core.anomaly_map import scale_maps
 from fastflow.core.loss import nll_loss
-from fastflow.core.scoring import (NormalStats, cross_fitted, image_nll, needs_stats, normal_stats, off_defect_scores,
-                                   score, score_kind, score_scales)
+from fastflow.core.scoring import (NormalStats, ScoreSettings, cross_fitted, image_nll, normal_stats, off_defect_scores,
+                                   score, score_scales)
 from fastflow.data.dataset import ImageDataset, Sample, source_of
 from fastflow.data.features import EncodedSplit
 from fastflow.runtime.config import RunConfig
@@ -38,10 +38,11 @@ class Evaluation:
     def normal_scores(self) -> np.ndarray:
         return self.scores[self.labels == 0]
 
-    def shown_images(self, samples: list[Sample], size: int) -> torch.Tensor:
-        """The shown test images `(k,3,S,S)` in [0,1], loaded from disk (a handful per evaluation)."""
-        dataset = ImageDataset([samples[i] for i in self.shown], size)
-        return torch.stack([dataset[i][0] for i in range(len(dataset))]) if self.shown else torch.empty(0)
+
+def load_images(samples: list[Sample], indices: list[int], size: int) -> torch.Tensor:
+    """The images `indices` of `samples` as `(k,3,S,S)` in [0,1] (the shown test images: loaded once per run)."""
+    dataset = ImageDataset([samples[i] for i in indices], size)
+    return torch.stack([dataset[i][0] for i in range(len(dataset))]) if indices else torch.empty(0)
 
 
 def heatmap_indices(labels: torch.Tensor, count: int) -> list[int]:
@@ -80,7 +81,7 @@ def flow_outputs(model, split: EncodedSplit, cfg: RunConfig, device: torch.devic
     start = time.perf_counter()
     model.eval()
     rows = torch.arange(len(split)) if rows is None else rows
-    other = score_kind(cfg.model.anomaly_map, cfg.model.score_map)
+    other = ScoreSettings.of(cfg.model).score_kind
     maps, score_maps, nll, loss_sum = [], [], [], 0.0
     for first in range(0, len(rows), cfg.eval.batch_size):
         batch = rows[first:first + cfg.eval.batch_size]
@@ -106,15 +107,13 @@ def score_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, sta
     """(anomaly maps `(N,1,S,S)`, the maps the image scores read, image scores `(N,)`) standardised with `stats`;
     with `cross_fit` (a validation split, whose normals the statistics come from) each row with the statistics of
     the other held-out normals (`scoring.cross_fitted`, when there are at least two)."""
-    m = cfg.model
-    size = (m.input_size, m.input_size)
+    settings = ScoreSettings.of(cfg.model)
+    size = (cfg.model.input_size, cfg.model.input_size)
     normal = torch.nonzero(split.labels == 0).flatten()
     if cross_fit and stats is not None and len(normal) >= 2:
         source = torch.tensor([source_of(row, len(normal)) for row in range(len(split))])
-        return cross_fitted(outputs.maps, outputs.nll, normal, source, size, m.map_norm, m.image_score,
-                            m.topk_fraction, m.score_norm, outputs.score_maps)
-    return score_scales(outputs.maps, outputs.nll, size, m.map_norm, m.image_score, m.topk_fraction, stats,
-                        m.score_norm, outputs.score_maps)
+        return cross_fitted(outputs.maps, outputs.nll, normal, source, size, settings, outputs.score_maps)
+    return score_scales(outputs.maps, outputs.nll, size, settings, stats, outputs.score_maps)
 
 
 def evaluate_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, stats: NormalStats | None = None,
@@ -129,7 +128,7 @@ def evaluate_outputs(outputs: FlowOutputs, split: EncodedSplit, cfg: RunConfig, 
     labels = split.labels.numpy()
     if pixel_metrics:
         values = M.evaluate(labels, scores, split.masks[:, 0].numpy(), maps[:, 0].numpy(), cfg.eval.aupro_fpr_limit)
-        off_defect = off_defect_scores(scored, split.masks, cfg.model.image_score, cfg.model.topk_fraction)
+        off_defect = off_defect_scores(scored, split.masks, ScoreSettings.of(cfg.model))
         if off_defect is not None and bool(split.masks.any()):
             values[M.OFF_DEFECT] = M.image_auroc(labels, off_defect.numpy())
     else:
@@ -159,10 +158,9 @@ class EpochEvaluation:
 def evaluate_epoch(model, test: EncodedSplit, validation: EncodedSplit | None, cfg: RunConfig, device: torch.device,
                    keep_maps: list[int] | None = None, pixel_metrics: bool = True) -> EpochEvaluation:
     """Test and validation evaluation with one pass of the flows over each split; `pixel_metrics` for validation."""
-    m = cfg.model
     outputs = flow_outputs(model, validation, cfg, device) if validation is not None else None
-    stats = held_out_stats(outputs, validation.labels) if outputs is not None and needs_stats(
-        m.map_norm, m.image_score, m.score_norm) else None
+    needs_stats = ScoreSettings.of(cfg.model).needs_stats
+    stats = held_out_stats(outputs, validation.labels) if outputs is not None and needs_stats else None
     tested = evaluate_split(model, test, cfg, device, keep_maps, stats=stats)
     validated = evaluate_outputs(outputs, validation, cfg, stats, cross_fit=True,
                                  pixel_metrics=pixel_metrics) if outputs is not None else None
@@ -180,9 +178,7 @@ def measure_inference(model, samples: list[Sample], cfg: RunConfig, device: torc
     model(images)  # warm-up at the timed batch shape
     start = time.perf_counter()
     latents, log_jacs = model(images)
-    m = cfg.model
-    score(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction, stats, m.score_norm,
-          m.score_map)
+    score(latents, log_jacs, size, ScoreSettings.of(cfg.model), stats)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return len(images) / (time.perf_counter() - start)

@@ -19,7 +19,7 @@ import torch
 
 from fastflow.core import metrics as M
 from fastflow.core.knn import KnnRecipe, knn_maps
-from fastflow.core.scoring import off_defect_scores
+from fastflow.core.scoring import ScoreSettings, off_defect_scores
 from fastflow.data.dataset import ImageDataset, Sample
 from fastflow.data.features import EncodedSplit, encode
 from fastflow.runtime.config import RunConfig
@@ -46,7 +46,7 @@ def reference_metrics(train: EncodedSplit, test: EncodedSplit, strides: list[int
         values["pixel_auroc"] = M.pixel_auroc(masks[:, 0].numpy(), maps[:, 0].numpy())
         values.update(zip(M.interval_keys("pixel_auroc"), M.pixel_auroc_interval_of_counts([counts])))
         values["aupro"] = M.aupro(masks[:, 0].numpy(), maps[:, 0].numpy(), aupro_fpr_limit)
-        off_defect = off_defect_scores(maps, masks, "max")
+        off_defect = off_defect_scores(maps, masks, ScoreSettings(image_score="max"))
         values[M.OFF_DEFECT] = M.image_auroc(labels, off_defect.numpy())
     values["seconds"] = time.perf_counter() - start
     return {PREFIX + k: float(v) for k, v in values.items()}
@@ -95,14 +95,14 @@ def cached_reference(directory: Path | None, key: str, compute) -> tuple[dict[st
     return values, False
 
 
-def knn_reference(model, cfg: RunConfig, train_samples: list[Sample], train: EncodedSplit | None,
-                  test: EncodedSplit, keys: dict[str, str], device: torch.device,
+def knn_reference(model, cfg: RunConfig, train_samples: list[Sample], encoded, device: torch.device,
                   recipe: KnnRecipe = KnnRecipe()) -> dict[str, float]:
-    """The run's `reference/<metric>` values: read back when this pair of feature-cache entries (`keys`) already
-    has them, else computed from the cached training features (`train`, or a backbone pass over `train_samples`
-    when the feature cache is off) and stored beside the feature cache."""
+    """The run's `reference/<metric>` values: read back when this pair of feature-cache entries (`encoded.keys`, an
+    `engine.encode.Encoded`) already has them, else computed from the cached training features (or a backbone pass
+    over `train_samples` when the feature cache is off) and stored beside the feature cache."""
     directory = Path(cfg.train.cache_dir) if cfg.train.feature_cache == "disk" else None
-    key = reference_key(keys["train"], keys["test"], recipe, cfg.eval.aupro_fpr_limit)
+    key = reference_key(encoded.keys["train"], encoded.keys["test"], recipe, cfg.eval.aupro_fpr_limit)
+    train, test = encoded.train, encoded.test
 
     def compute() -> dict[str, float]:
         features = train if train is not None else encode(

@@ -8,9 +8,7 @@ callback (the sweep reports to Optuna there and may raise to prune).
 from __future__ import annotations
 
 import logging
-import math
 import random
-import resource
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +16,6 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from fastflow.core import metrics as M
@@ -26,16 +23,18 @@ from fastflow.core.ema import ema_decay, make_ema
 from fastflow.core.loss import nll_loss
 from fastflow.core.metrics import NonFiniteError
 from fastflow.core.model import FastFlow, count_parameters
-from fastflow.core.scoring import NormalStats, needs_stats
-from fastflow.data.dataset import (ImageDataset, Splits, anomaly_spec, content_hash, dataset_hash, make_splits,
-                                   mean_level)
-from fastflow.data.features import EncodedSplit, FeatureCache, cache_key, encode_cached
-from fastflow.engine.evaluate import EpochEvaluation, evaluate_epoch, heatmap_indices, measure_inference
+from fastflow.core.scoring import ScoreSettings
+from fastflow.data.dataset import Splits, dataset_hash, make_splits
+from fastflow.engine.encode import Encoded, encode_splits, train_batches
+from fastflow.engine.evaluate import (EpochEvaluation, Evaluation, evaluate_epoch, heatmap_indices, load_images,
+                                      measure_inference)
 from fastflow.engine.reference import knn_reference
+from fastflow.engine.optimizer import make_optimizer
 from fastflow.engine.protocol import names_key, resolve_selection, resolve_threshold
 from fastflow.engine.selection import Fidelity, fidelity, split_half_reliability
 from fastflow.runtime import signals
 from fastflow.runtime.config import RunConfig, flatten, to_dict
+from fastflow.runtime.device import peak_memory_mb, reset_peak_memory, resolve_device
 from fastflow.runtime.redact import redact_values
 
 log = logging.getLogger(__name__)
@@ -76,87 +75,10 @@ class TrainResult:
     reference: dict[str, float] = field(default_factory=dict)  # reference/* of the kNN reference (engine.reference)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available; use auto or cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, cosine: bool) -> float:
-    """Linear warm-up, then constant or cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if not cosine:
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@dataclass
-class Encoded:
-    train: Optional[EncodedSplit]  # None when train.feature_cache is off
-    validation: Optional[EncodedSplit]
-    test: EncodedSplit
-    keys: dict[str, str] = field(default_factory=dict)  # split name -> its feature-cache key
-
-
-def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch.device) -> Encoded:
-    """Backbone features of every split (train only when caching), through the disk cache if enabled. With
-    `model.exposure: mean`, the model's reference level is first set from the training images."""
-    size, t = cfg.model.input_size, cfg.train
-    cache = FeatureCache(Path(t.cache_dir), int(t.cache_max_gb * 1e9)) if t.feature_cache == "disk" else None
-    dtype = getattr(torch, t.cache_dtype)
-    level = mean_level(splits.train, size) if cfg.model.exposure != "none" else 0.0
-    if cfg.model.exposure != "none":
-        model.set_exposure_level(level)
-
-    keys: dict[str, str] = {}
-
-    def run(samples, split_name, anomalies=None, encode=True):
-        dataset = ImageDataset(samples, size, anomalies, seed=t.seed)
-        defects = f"anomalies={anomalies.cache_tag()}-seed{t.seed}" if anomalies else ""  # generated per seed
-        keys[split_name] = cache_key(cfg.model, content_hash(samples), split_name, t.cache_dtype, defects, level)
-        return encode_cached(model, dataset, keys[split_name], cache, cfg.eval.batch_size, device,
-                             cfg.data.num_workers, dtype, split_name) if encode else None
-
-    train = run(splits.train, "train", encode=t.feature_cache != "off")
-    validation = run(splits.validation, "validation", anomaly_spec(cfg.data)) if splits.validation else None
-    return Encoded(train, validation, run(splits.test, "test"), keys)
-
-
-def reference_of(cfg: RunConfig) -> dict[str, float]:
-    """`fastflow reference`: the kNN reference of `cfg`'s data and backbone features alone, with no flow trained (the
-    same features, cache entries and `reference/*` values a training run of `cfg` logs)."""
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
-    model = FastFlow(cfg.model).to(device)
-    encoded = encode_splits(model, cfg, splits, device)
-    return knn_reference(model, cfg, splits.train, encoded.train, encoded.test, encoded.keys, device)
-
-
-def _train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Encoded, device: torch.device,
-                   generator: torch.Generator):
-    """Yield per-scale feature batches for one epoch, from the cache or by running the backbone."""
-    if encoded.train is not None:
-        order = torch.randperm(len(encoded.train), generator=generator)
-        for start in range(0, len(order), cfg.train.batch_size):
-            yield encoded.train.batch(order[start:start + cfg.train.batch_size], device)
-        return
-    dataset = ImageDataset(splits.train, cfg.model.input_size)
-    order = torch.randperm(len(dataset), generator=generator).tolist()  # the same order as the cached path
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=order,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    for images, _, _ in loader:
-        yield model.extract_features(images.to(device, non_blocking=True))
 
 
 def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, device: torch.device,
@@ -170,6 +92,15 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
     use_amp = amp_dtype is not None and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
     total_loss, seen = 0.0, 0
+
+    def optimizer_step() -> None:
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if after_step is not None:
+            after_step()
+
     optimizer.zero_grad(set_to_none=True)
     for step, features in enumerate(tqdm(batches, desc=f"epoch {epoch}", leave=False), start=1):
         signals.check()  # a signal whose exception Python dropped (see signals) still stops the run here
@@ -180,46 +111,13 @@ def train_epoch(model: FastFlow, batches, optimizer, scheduler, cfg: RunConfig, 
                                      f"(train.lr={cfg.train.lr} may be too high)")
         scaler.scale(loss / accum).backward()
         if step % accum == 0:
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if after_step is not None:
-                after_step()
+            optimizer_step()
         batch = features[0].shape[0]
         total_loss += loss.item() * batch
         seen += batch
     if step % accum != 0:  # flush a partial accumulation
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        if after_step is not None:
-            after_step()
+        optimizer_step()
     return total_loss / max(seen, 1), seen
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start this run's peak-memory window (Linux: clear_refs 5 resets VmHWM)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """Peak resident memory since `reset_peak_memory` and, on CUDA, peak allocated GPU memory."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        rss = float(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
-    except (OSError, StopIteration):
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    peak = {"rss": rss}
-    if device.type == "cuda":
-        peak["cuda"] = torch.cuda.max_memory_allocated(device) / 2**20
-    return peak
 
 
 def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
@@ -229,19 +127,87 @@ def trainable_state(model: FastFlow) -> dict[str, torch.Tensor]:
             if keep_backbone or not k.startswith("backbone.")}
 
 
-def make_optimizer(model: FastFlow, cfg: RunConfig, n_train: int):
-    """Adam over the norms and flows, its learning-rate schedule (warm-up, then cosine over the whole run, stepped
-    once per optimizer step) and the optimizer steps per epoch."""
-    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(n_train / cfg.train.batch_size) / cfg.train.grad_accum_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, steps_per_epoch * cfg.train.epochs, steps_per_epoch * cfg.train.warmup_epochs, cfg.train.cosine))
-    return optimizer, scheduler, steps_per_epoch
+@dataclass
+class Run:
+    """What `setup` prepares for the loop: the data (splits, their encoded features), the model with its optimizer,
+    schedule and weight average, how epochs are chosen and thresholds stored, and the test images shown."""
+
+    cfg: RunConfig
+    device: torch.device
+    splits: Splits
+    encoded: Encoded
+    model: FastFlow
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: Optional[torch.nn.Module]
+    generator: torch.Generator  # the order of the training images, epoch after epoch
+    ranking: tuple[str, ...]  # the selection protocol's metrics, most important first
+    threshold_kind: str
+    shown: list[int]  # the test images whose heatmaps are logged
+    shown_images: Optional[torch.Tensor]  # `(k,3,S,S)`, loaded once (None when nothing is tracked)
+    test_names: list[str]  # `defect/file` of every test image
+
+    @property
+    def evaluated_model(self) -> FastFlow:
+        """The weights evaluated and saved: the EMA's with `eval.weights: ema`, else the trained ones."""
+        return self.ema.module if self.cfg.eval.weights == "ema" else self.model
+
+    def evaluates(self, epoch: int) -> bool:
+        return epoch % self.cfg.eval.eval_every == 0 or epoch == self.cfg.train.epochs
+
+
+@dataclass
+class Best:
+    """The best epoch so far, as the checkpoint will hold it."""
+
+    epoch: int
+    key: tuple  # its ranking metrics (`protocol.names_key`)
+    metrics: dict[str, float]
+    state: dict[str, torch.Tensor]  # `trainable_state` of the evaluated weights at that epoch
+    evaluated: EpochEvaluation
+    thresholds: dict[str, float]
 
 
 def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
                        on_evaluation: Optional[Callable[[int, dict[str, float]], None]] = None) -> TrainResult:
     """Train FastFlow on `cfg.data`, evaluating every `eval.eval_every` epochs; keep the best epoch."""
+    run, result = setup(cfg, tracker)
+    best: Optional[Best] = None
+    test_scores: dict[int, np.ndarray] = {}  # per evaluated epoch: how reliably the test set ranks epochs
+    for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):
+        # train: one pass over the training images
+        metrics = train_one_epoch(run, epoch)
+        if run.evaluates(epoch):
+            # evaluate: the test split, and the validation split when there are held-out normals
+            evaluated = _evaluate_finite(run.evaluated_model, run.encoded, cfg, run.device, epoch, keep_maps=run.shown)
+            metrics.update(evaluation_metrics(run, evaluated, epoch))
+            test_scores[epoch] = evaluated.test.scores
+            epoch_thresholds = thresholds(cfg, evaluated.test, evaluated.validation)
+            # keep the best epoch by the selection protocol's metrics (ties keep the earlier epoch)
+            key = names_key(metrics, run.ranking, "eval/")
+            if best is None or key > best.key:
+                best = Best(epoch, key, dict(metrics), trainable_state(run.evaluated_model), evaluated,
+                            epoch_thresholds)
+            # log the heatmaps of the shown test images, with the decision at this epoch's stored threshold
+            if tracker is not None:
+                log_heatmaps(tracker, run, epoch, evaluated.test, epoch_thresholds[run.threshold_kind])
+        # log the epoch; the sweep's pruner sees every evaluation
+        result.history.append({"epoch": epoch, **metrics})
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=epoch)
+        if on_evaluation is not None and f"eval/{run.ranking[0]}" in metrics:
+            on_evaluation(epoch, metrics)
+    finish(run, result, best, test_scores)
+    if tracker is not None:
+        if result.fidelity is not None:
+            tracker.log_metrics(result.fidelity.metrics(), step=result.best_epoch)
+        tracker.log_final(result, cfg)
+    return result
+
+
+def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, TrainResult]:
+    """Everything before the first epoch: seed, data, model, its description on the tracker, the encoded splits,
+    optimizer, schedule and weight average; and the result the loop fills."""
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
@@ -252,10 +218,8 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     protocol, ranking = resolve_selection(cfg.eval.selection_metric, bool(splits.validation))
     threshold_kind, threshold_source = resolve_threshold(cfg.eval.threshold, bool(splits.validation),
                                                          cfg.eval.val_quantile)
-    if needs_stats(cfg.model.map_norm, cfg.model.image_score, cfg.model.score_norm) and not splits.validation:
-        raise ValueError(f"model.map_norm={cfg.model.map_norm} / model.score_norm={cfg.model.score_norm} / "
-                         f"model.image_score={cfg.model.image_score} need statistics of held-out normals: "
-                         "a validation/good folder or data.val_fraction > 0")
+    if ScoreSettings.of(cfg.model).needs_stats and not splits.validation:
+        raise ScoreSettings.of(cfg.model).missing_stats()
     reset_peak_memory(device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -265,83 +229,86 @@ def train_and_evaluate(cfg: RunConfig, tracker: Optional[Tracker] = None,
     flow_parameters = count_parameters(model.flows)
     log.info("flow parameters: %.2fM (+%.2fM LayerNorm)", flow_parameters / 1e6, count_parameters(model.norms) / 1e6)
     if tracker is not None:
-        data_hash = dataset_hash(splits.train + splits.validation + splits.test)
-        tracker.log_params(flatten(cfg))
-        tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
-                          "data_root": str(Path(cfg.data.root).resolve()),
-                          "data_hash": data_hash,
-                          "selection_protocol": protocol.label, "selection_metric": ranking[0],
-                          "validation_source": splits.validation_source, "threshold_source": threshold_source,
-                          "flow_parameters": str(flow_parameters)})
-        tracker.log_dataset(cfg.data.category, data_hash, str(Path(cfg.data.root).resolve()),
-                            {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
+        describe_run(tracker, cfg, splits, {"selection_protocol": protocol.label, "selection_metric": ranking[0],
+                                            "validation_source": splits.validation_source,
+                                            "threshold_source": threshold_source,
+                                            "flow_parameters": str(flow_parameters)})
     encoded = encode_splits(model, cfg, splits, device)
-    # the same features without a flow, logged once: is a gap the backbone's or the flow's?
-    reference = (knn_reference(model, cfg, splits.train, encoded.train, encoded.test, encoded.keys, device)
-                 if cfg.eval.knn_reference else {})
-    if tracker is not None and reference:
+    reference = knn_reference(model, cfg, splits.train, encoded, device) if cfg.eval.knn_reference else {}
+    if tracker is not None and reference:  # the same features without a flow: the backbone's gap or the flow's?
         tracker.log_metrics(reference, step=0)
     optimizer, scheduler, steps_per_epoch = make_optimizer(model, cfg, len(splits.train))
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
-    generator = torch.Generator().manual_seed(cfg.train.seed)
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
-    test_names = [f"{s.defect}/{Path(s.image).name}" for s in splits.test]
+    run = Run(cfg, device, splits, encoded, model, optimizer, scheduler, ema,
+              torch.Generator().manual_seed(cfg.train.seed), ranking, threshold_kind, shown,
+              load_images(splits.test, shown, cfg.model.input_size) if tracker is not None else None,
+              [f"{s.defect}/{Path(s.image).name}" for s in splits.test])
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
                          selection_protocol=protocol.label, threshold_source=threshold_source, reference=reference)
-    best_key, train_seconds = None, 0.0
-    test_scores: dict[int, np.ndarray] = {}  # per evaluated epoch: how reliably the test set ranks epochs
-    for epoch in tqdm(range(1, cfg.train.epochs + 1), desc="epochs"):
-        start = time.perf_counter()
-        loss, seen = train_epoch(model, _train_batches(model, cfg, splits, encoded, device, generator),
-                                 optimizer, scheduler, cfg, device, epoch,
-                                 after_step=(lambda: ema.update_parameters(model)) if ema is not None else None)
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        metrics = {"train/loss": loss, "train/epoch_seconds": seconds, "train/images_per_s": seen / seconds,
-                   "train/lr": optimizer.param_groups[0]["lr"]}
-        if epoch % cfg.eval.eval_every == 0 or epoch == cfg.train.epochs:
-            net = ema.module if cfg.eval.weights == "ema" else model
-            evaluated = _evaluate_finite(net, encoded, cfg, device, epoch, keep_maps=shown)
-            evaluation, validation, stats = evaluated.test, evaluated.validation, evaluated.stats
-            metrics.update({f"eval/{k}": v for k, v in evaluation.metrics.items()})
-            test_scores[epoch] = evaluation.scores
-            if ema is not None:
-                other = "raw" if cfg.eval.weights == "ema" else "ema"
-                metrics.update(other_weights_metrics(model if other == "raw" else ema.module, other, encoded, cfg,
-                                                     device, epoch))
-            if validation is not None:
-                metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro",
-                                                                                 M.OFF_DEFECT) if k in validation.metrics})
-                metrics["eval/val_loss"] = validation.loss
-            metrics["eval/images_per_s"] = evaluation.images_per_s
-            key = names_key(metrics, ranking, "eval/")
-            if best_key is None or key > best_key:  # ties keep the earlier epoch
-                best_key = key
-                result.pixel_counts = evaluation.pixel_counts(encoded.test.masks)
-                result.best_epoch = epoch
-                result.best_metrics = {**metrics, **best_intervals(evaluation, validation, result.pixel_counts)}
-                result.checkpoint = make_checkpoint(net, cfg, epoch, metrics, evaluation, validation, stats)
-                result.test_scores = {"images": test_names,
-                                      "labels": evaluation.labels.tolist(), "scores": evaluation.scores.tolist()}
-            if tracker is not None:
-                tracker.log_epoch_visuals(epoch, evaluation.shown_images(splits.test, cfg.model.input_size),
-                                          encoded.test.masks[shown], evaluation.shown_maps,
-                                          evaluation.scores[shown], evaluation.labels[shown], [test_names[i] for i in shown],
-                                          thresholds(cfg, evaluation, validation)[threshold_kind])
-        result.history.append({"epoch": epoch, **metrics})
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=epoch)
-        if on_evaluation is not None and f"eval/{ranking[0]}" in metrics:
-            on_evaluation(epoch, metrics)
-    result.fidelity = epoch_fidelity(result.history, result.best_epoch, test_scores, encoded.test.labels.numpy())
-    if tracker is not None and result.fidelity is not None:
-        tracker.log_metrics(result.fidelity.metrics(), step=result.best_epoch)
-    result.seconds_per_epoch = train_seconds / cfg.train.epochs
-    result.inference_images_per_s = measure_inference(net, splits.test, cfg, device, stats=stats)
-    result.peak_memory_mb = peak_memory_mb(device)
-    if tracker is not None:
-        tracker.log_final(result, cfg)
-    return result
+    return run, result
+
+
+def describe_run(tracker: Tracker, cfg: RunConfig, splits: Splits, tags: dict[str, str]) -> None:
+    """The run's params (the flat config), tags (category, backbone, data and `tags`) and its dataset input."""
+    data_hash = dataset_hash(splits.train + splits.validation + splits.test)
+    tracker.log_params(flatten(cfg))
+    tracker.set_tags({"category": cfg.data.category, "backbone": cfg.model.backbone,
+                      "data_root": str(Path(cfg.data.root).resolve()), "data_hash": data_hash, **tags})
+    tracker.log_dataset(cfg.data.category, data_hash, str(Path(cfg.data.root).resolve()),
+                        {"train": len(splits.train), "validation": len(splits.validation), "test": len(splits.test)})
+
+
+def train_one_epoch(run: Run, epoch: int) -> dict[str, float]:
+    """`train_epoch` over the run's training batches; its `train/*` metrics."""
+    model, ema = run.model, run.ema
+    start = time.perf_counter()
+    loss, seen = train_epoch(model, train_batches(model, run.cfg, run.splits, run.encoded, run.device, run.generator),
+                             run.optimizer, run.scheduler, run.cfg, run.device, epoch,
+                             after_step=(lambda: ema.update_parameters(model)) if ema is not None else None)
+    seconds = time.perf_counter() - start
+    return {"train/loss": loss, "train/epoch_seconds": seconds, "train/images_per_s": seen / seconds,
+            "train/lr": run.optimizer.param_groups[0]["lr"]}
+
+
+def evaluation_metrics(run: Run, evaluated: EpochEvaluation, epoch: int) -> dict[str, float]:
+    """`eval/*` of an epoch: the test metrics, those of the weights not selected (with an EMA), the validation
+    metrics and loss, and the test images/s."""
+    cfg, test, validation = run.cfg, evaluated.test, evaluated.validation
+    metrics = {f"eval/{k}": v for k, v in test.metrics.items()}
+    if run.ema is not None:
+        other = "raw" if cfg.eval.weights == "ema" else "ema"
+        metrics.update(other_weights_metrics(run.model if other == "raw" else run.ema.module, other, run.encoded, cfg,
+                                             run.device, epoch))
+    if validation is not None:
+        metrics.update({f"eval/val_{k}": validation.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro",
+                                                                         M.OFF_DEFECT) if k in validation.metrics})
+        metrics["eval/val_loss"] = validation.loss
+    metrics["eval/images_per_s"] = test.images_per_s
+    return metrics
+
+
+def log_heatmaps(tracker: Tracker, run: Run, epoch: int, test: Evaluation, threshold: float) -> None:
+    """The labelled heatmap grid of the shown test images at `epoch`."""
+    shown = run.shown
+    tracker.log_epoch_visuals(epoch, run.shown_images, run.encoded.test.masks[shown], test.shown_maps,
+                              test.scores[shown], test.labels[shown], [run.test_names[i] for i in shown], threshold)
+
+
+def finish(run: Run, result: TrainResult, best: Best, test_scores: dict[int, np.ndarray]) -> None:
+    """The best epoch into `result` (its metrics with intervals, checkpoint, per-image test scores and binned pixels),
+    the selection fidelity over the evaluated epochs, speed and memory."""
+    cfg, test, validation = run.cfg, best.evaluated.test, best.evaluated.validation
+    result.best_epoch = best.epoch
+    result.pixel_counts = test.pixel_counts(run.encoded.test.masks)
+    result.best_metrics = {**best.metrics, **best_intervals(test, validation, result.pixel_counts)}
+    result.checkpoint = make_checkpoint(best, cfg, run.threshold_kind, result.threshold_source)
+    result.test_scores = {"images": run.test_names, "labels": test.labels.tolist(), "scores": test.scores.tolist()}
+    result.fidelity = epoch_fidelity(result.history, best.epoch, test_scores, run.encoded.test.labels.numpy())
+    result.seconds_per_epoch = sum(h["train/epoch_seconds"] for h in result.history) / cfg.train.epochs
+    result.inference_images_per_s = measure_inference(run.evaluated_model, run.splits.test, cfg, run.device,
+                                                      stats=best.evaluated.stats)
+    result.peak_memory_mb = peak_memory_mb(run.device)
 
 
 def _evaluate_finite(model: FastFlow, encoded: Encoded, cfg: RunConfig, device: torch.device, epoch: int,
@@ -399,18 +366,17 @@ def thresholds(cfg: RunConfig, evaluation, validation) -> dict[str, float]:
     return values
 
 
-def make_checkpoint(model: FastFlow, cfg: RunConfig, epoch: int, metrics: dict, evaluation, validation,
-                    stats: Optional[NormalStats] = None) -> dict:
+def make_checkpoint(best: Best, cfg: RunConfig, threshold_kind: str, threshold_source: str) -> dict:
     """Everything `predict` needs without the YAML: config, weights, thresholds (and the stored one's source),
     score range (from the validation set when there is one, so nothing of the test set is stored), and the
     held-out normal statistics the scores were standardised with."""
-    kind, source = resolve_threshold(cfg.eval.threshold, validation is not None, cfg.eval.val_quantile)
-    scores = validation.scores if validation is not None else evaluation.scores
-    return {"config": redact_values(to_dict(cfg)), "state_dict": trainable_state(model), "epoch": epoch,
-            "metrics": {k: float(v) for k, v in metrics.items()}, "thresholds": thresholds(cfg, evaluation, validation),
-            "threshold_kind": kind, "threshold_source": source,
+    evaluated = best.evaluated
+    scores = evaluated.validation.scores if evaluated.validation is not None else evaluated.test.scores
+    return {"config": redact_values(to_dict(cfg)), "state_dict": best.state, "epoch": best.epoch,
+            "metrics": {k: float(v) for k, v in best.metrics.items()}, "thresholds": best.thresholds,
+            "threshold_kind": threshold_kind, "threshold_source": threshold_source,
             "score_range": [float(scores.min()), float(scores.max())],
-            "normal_stats": stats.to_dict() if stats is not None else None, "format": 1}
+            "normal_stats": evaluated.stats.to_dict() if evaluated.stats is not None else None, "format": 1}
 
 
 __all__ = ["train_and_evaluate", "TrainResult", "NonFiniteLossError", "Tracker"]

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Mapping
 from urllib.parse import quote
 
-from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
+from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS
 from fastflow.engine.protocol import RANKED_METRICS, protocol_for_metric
+from fastflow.pages._format import interval, logged_intervals, markdown_table, number
 
 KEY_METRICS = (*RANKED_METRICS, "epoch")
 
@@ -35,18 +36,11 @@ def version_link(model: str, version: str) -> str:
     return f"#/models/{quote(str(model))}/versions/{quote(str(version))}"
 
 
-def _number(value) -> str:
-    try:
-        return f"{float(value):.4f}"
-    except (TypeError, ValueError):
-        return str(value)
-
-
 def _interval(metrics: Mapping[str, float], name: str) -> str:
-    low, high = (metrics.get(f"best/{key}") for key in interval_keys(name))
     if name not in INTERVAL_METRICS:
         return ""
-    return "no interval logged" if low is None or high is None else f"[{_number(low)}, {_number(high)}]"
+    found = logged_intervals(metrics, [name])
+    return interval(*found[name], digits=4) if name in found else "no interval logged"
 
 
 def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping[str, float], metric: str,
@@ -73,16 +67,15 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
         f"- threshold: {tags['threshold']} ({kind}: {tags.get('threshold_source', 'source not recorded')})"
         if "threshold" in tags else "- threshold: not recorded",
         "",
-        f"| metric (best epoch) | value | {INTERVAL_LEVEL:.0%} bootstrap interval | protocol |",
-        "|---|---|---|---|",
     ]
+    body = []
     for name in KEY_METRICS:
         value = metrics.get(f"best/{name}")
         if value is not None:
             where = "leak-free" if name.startswith("val_") else "-" if name == "epoch" else "test set"
-            lines.append(f"| {name} | {_number(value) if name != 'epoch' else int(value)} | "
-                         f"{_interval(metrics, name)} | {where} |")
-    return "\n".join(lines)
+            body.append([name, number(value, 4) if name != "epoch" else str(int(value)), _interval(metrics, name), where])
+    header = ["metric (best epoch)", "value", f"{INTERVAL_LEVEL:.0%} bootstrap interval", "protocol"]
+    return "\n".join(lines + [markdown_table(header, body)])
 
 
 __all__ = ["registered_model_description", "version_description", "run_link", "version_link"]

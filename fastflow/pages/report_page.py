@@ -12,6 +12,7 @@ from typing import Optional
 
 from fastflow.data.paper import PAPER_MEANS, anomalib_best
 from fastflow.engine.protocol import LEAK_FREE, PAPER
+from fastflow.pages._format import STYLE, interval, markdown_table, number
 from fastflow.pages.report_rows import METRICS, PAPER_COMPARED, ReportRow, StudyRow
 
 LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
@@ -36,9 +37,7 @@ def study_cells(row: StudyRow) -> list[str]:
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
-    if value is None:
-        return "-"
-    return f"{value:+.3f}" if signed else f"{value:.3f}"
+    return number(value, signed=signed, missing="-")
 
 
 def _mean(values: list[Optional[float]]) -> Optional[float]:
@@ -52,8 +51,7 @@ def measured(row: ReportRow, metric: str) -> str:
     if metric in row.spread:
         text += f" ± {row.spread[metric]:.3f}"
     if metric in row.intervals:
-        low, high = row.intervals[metric]
-        text += f" [{low:.3f}, {high:.3f}]"
+        text += " " + interval(*row.intervals[metric])
     return text
 
 
@@ -121,11 +119,6 @@ def tables(rows: list[ReportRow]) -> tuple[list[list[str]], list[list[str]], lis
     return mvtec, others, notes
 
 
-def _markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
-
-
 INTRO = ("Best configuration of FINISHED runs per (category, backbone, selection protocol) in MLflow experiment `{experiment}`, each "
          "chosen by its own protocol: " + LEAK_FREE.name + " rows (" + LEAK_FREE.label + ") by best/"
          + ", then ".join(LEAK_FREE.ranking) + "; " + PAPER.name + " rows (" + PAPER.label + ") by best/"
@@ -155,13 +148,13 @@ def markdown(rows: list[ReportRow], experiment: str, generated: str, studies: Op
     mvtec, others, notes = tables(rows)
     parts = ["# FastFlow: our results vs the paper", "", f"Generated {generated}. " + INTRO.format(experiment=experiment),
              "", "## MVTec AD", ""]
-    parts += [_markdown_table(MVTEC_HEADER, mvtec) if mvtec else "No MVTec AD category has a finished run yet."]
+    parts += [markdown_table(MVTEC_HEADER, mvtec) if mvtec else "No MVTec AD category has a finished run yet."]
     parts += ([""] + notes if notes else []) + (["", "![gaps](paper_gap.png)"] if mvtec else [])
     if others:
-        parts += ["", "## Other categories (not in MVTec AD; no paper numbers)", "", _markdown_table(OTHER_HEADER, others)]
+        parts += ["", "## Other categories (not in MVTec AD; no paper numbers)", "", markdown_table(OTHER_HEADER, others)]
     if studies:
         parts += ["", "## Studies: selection fidelity", "", STUDIES_INTRO, "",
-                  _markdown_table(STUDY_HEADER, [study_cells(s) for s in studies])]
+                  markdown_table(STUDY_HEADER, [study_cells(s) for s in studies])]
     return "\n".join(parts) + "\n"
 
 
@@ -171,18 +164,13 @@ def _html_table(header: list[str], body: list[list[str]]) -> str:
     for cells in body:
         tds = []
         for index, cell in enumerate(cells):
-            kind = ""
+            kind = ' class="l"' if index < 2 else ""  # category and backbone (or study and category)
             if header[index] == "diff" and cell not in ("-", ""):
                 kind = ' class="worse"' if cell.startswith("-") else ' class="better"'
             tds.append(f"<td{kind}>{html.escape(cell)}</td>")
         style = ' class="mean"' if cells[0].startswith("mean (") else ""
         lines.append(f"<tr{style}>{''.join(tds)}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(lines)}</tbody></table>"
-
-
-STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child,td:nth-child(2){text-align:left}"
-         "th{background:#eee}.better{color:#070}.worse{color:#b00}.mean{font-weight:bold;background:#f6f6f6}")
 
 
 def html_page(rows: list[ReportRow], experiment: str, generated: str, chart_png: bytes,

@@ -8,11 +8,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from fastflow.core.metrics import OFF_DEFECT, image_auroc_interval, interval_keys, pixel_auroc_interval_of_counts
+from fastflow.core.metrics import OFF_DEFECT, image_auroc_interval, pixel_auroc_interval_of_counts
 from fastflow.data.paper import MVTEC_CATEGORIES, paper_numbers
 from fastflow.engine.protocol import (LEAK_FREE, PAPER, Protocol, RANKED_METRICS, protocol_for_metric, protocol_named,
                                       ranking_key)
 from fastflow.engine.selection import OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY
+from fastflow.pages._format import logged_intervals
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
 PAPER_COMPARED = ("image_auroc", "pixel_auroc")  # the paper reports no AUPRO
@@ -116,18 +117,8 @@ def best_rows(runs: list) -> list[ReportRow]:
                               _mean_metrics(chosen, METRICS), None if epoch is None else int(epoch), protocol,
                               paper_numbers(category), _mean_metrics(chosen, LEAK_FREE.ranking),
                               _mean_fidelity(chosen), [r.info.run_id for r in chosen], spread,
-                              _logged_intervals(first) if len(chosen) == 1 else {}, implementation))
+                              logged_intervals(first.data.metrics, PAPER_COMPARED) if len(chosen) == 1 else {}, implementation))
     return sorted(rows, key=lambda row: (*_order(row), row.implementation, row.protocol))
-
-
-def _logged_intervals(run) -> dict[str, tuple[float, float]]:
-    """The intervals a run logged at its best epoch (`best/<metric>_ci_low/high`)."""
-    found = {}
-    for metric in PAPER_COMPARED:
-        low, high = (f"best/{k}" for k in interval_keys(metric))
-        if low in run.data.metrics and high in run.data.metrics:
-            found[metric] = (run.data.metrics[low], run.data.metrics[high])
-    return found
 
 
 def attach_intervals(rows: list[ReportRow], test_scores: Callable[[str], Optional[dict]],

@@ -15,9 +15,10 @@ from typing import Mapping, Optional, Sequence
 from urllib.parse import quote
 
 from fastflow.engine.protocol import Protocol
+from fastflow.pages._format import markdown_row, number
 from fastflow.pages.model_card import run_link, version_link
 from fastflow.pages.study_page import (INTERVAL_NOTE, LABELS, TrialRow, figure_columns, figure_value, interval_text,
-                                       number, param_text, state_text)
+                                       param_text, state_text)
 
 NOTE_LIMIT = 7800  # MLflow keeps 8000 characters of a tag value
 
@@ -108,7 +109,7 @@ def _table(rows: Sequence[TrialRow], protocol: Protocol, budget: int) -> list[st
     columns = figure_columns(protocol)
     head = ["rank", "trial", "state", *(("objective: " if n == protocol.metric else "") + LABELS[n] for n in columns),
             "best epoch", "parameters"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" + "---|" * 2 + "---|" * len(columns) + "---:|---|"]
+    lines = [markdown_row(head), "|" + "---:|" + "---|" * 2 + "---|" * len(columns) + "---:|---|"]
     used = sum(len(line) + 1 for line in lines)
     for index, row in enumerate(rows):
         run = f"[{md(row.run_name or row.run_id)}]({run_link(row.experiment_id, row.run_id)})" if row.run_id else ""
@@ -116,10 +117,10 @@ def _table(rows: Sequence[TrialRow], protocol: Protocol, budget: int) -> list[st
         cells = [str(row.place or "–"), f"#{row.number} {run}", md(state_text(row)[:120]),
                  *(figure_cell(row, n, protocol) for n in columns), "" if epoch is None else str(int(epoch)),
                  _params(row.params)]
-        line = "| " + " | ".join(cells) + " |"
+        line = markdown_row(cells)
         if used + len(line) + 100 > budget:  # room for the line counting the rest
             rest = ["…", f"{len(rows) - index} more trials: see `study.html`"] + [""] * (len(head) - 2)
-            lines.append("| " + " | ".join(rest) + " |")
+            lines.append(markdown_row(rest))
             break
         lines.append(line)
         used += len(line) + 1

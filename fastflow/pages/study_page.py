@@ -11,12 +11,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
 from dataclasses import dataclass, field
 from typing import Mapping, Optional, Sequence
 
-from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS, interval_keys
+from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS
 from fastflow.engine.protocol import Protocol, RANKED_METRICS, ranking_key
+from fastflow.pages._format import STYLE, interval, logged_intervals, number
 
 STATE_NOTES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}
@@ -61,16 +61,6 @@ def _metrics(run: Mapping, complete: bool, user_attrs: Mapping) -> dict[str, flo
     return values
 
 
-def logged_intervals(metrics: Mapping[str, float], prefix: str = "best/") -> dict[str, tuple[float, float]]:
-    """metric -> (low, high) from a run's `best/<metric>_ci_low/high` metrics (those it logged)."""
-    found = {}
-    for name in INTERVAL_METRICS:
-        low, high = (prefix + key for key in interval_keys(name))
-        if low in metrics and high in metrics:
-            found[name] = (float(metrics[low]), float(metrics[high]))
-    return found
-
-
 def trial_rows(trials: Sequence, runs: Mapping[str, Mapping], protocol: Protocol) -> list[TrialRow]:
     """Optuna trials + their MLflow runs (`tracking.child_run_summaries`) -> rows, best first.
 
@@ -90,7 +80,7 @@ def trial_rows(trials: Sequence, runs: Mapping[str, Mapping], protocol: Protocol
         value = trial.value if state == "complete" else None
         last = trial.intermediate_values[max(trial.intermediate_values)] if trial.intermediate_values else None
         rank = ranking_key({**metrics, protocol.metric: value if value is not None else last}, protocol)
-        intervals = logged_intervals(run.get("metrics", {})) if state == "complete" else {}
+        intervals = logged_intervals(run.get("metrics", {}), INTERVAL_METRICS) if state == "complete" else {}
         rows.append(TrialRow(trial.number, state, value, dict(trial.params), metrics, run_id, run.get("name", ""),
                              run.get("experiment_id", ""), note, rank, intervals, model_uri=tags.get("model_uri", "")))
     order = {"complete": 0, "pruned": 1}
@@ -108,10 +98,6 @@ def figure_columns(protocol: Protocol) -> list[str]:
     return [protocol.metric, *(name for name in LABELS if name != protocol.metric)]
 
 
-def number(value: Optional[float], digits: int = 3) -> str:
-    return "" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
-
-
 def interval_text(row: TrialRow, metric: str) -> str:
     """`[low, high]` of an AUROC of a complete trial; `[no interval]` for runs logged before intervals were;
     empty for metrics that have none (AUPRO)."""
@@ -119,8 +105,7 @@ def interval_text(row: TrialRow, metric: str) -> str:
         return ""
     if metric not in row.intervals:
         return "[no interval]"
-    low, high = row.intervals[metric]
-    return f"[{number(low)}, {number(high)}]"
+    return interval(*row.intervals[metric])
 
 
 def figure_value(row: TrialRow, metric: str, protocol: Protocol) -> Optional[float]:
@@ -151,14 +136,6 @@ def param_text(value) -> str:
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
-
-STYLE = """body{font-family:system-ui,sans-serif;margin:12px;color:#1a1a1a;font-size:14px}
-table{border-collapse:collapse;font-size:12px;width:100%}th,td{border:1px solid #ccc;padding:3px 5px;text-align:right;
-vertical-align:top}th{background:#f2f2f2;font-weight:600}td.l,th.l{text-align:left}tr.best{background:#e6f4ea}
-tr.best td.v{font-weight:700}tr.pruned{color:#8a6d00;background:#fff8e1}tr.failed{color:#b00020;background:#fdecea}
-.ci{color:#555;font-size:11px;white-space:nowrap}code.id{font-size:10px;word-break:break-all;color:#444}
-.p{white-space:nowrap;font-size:11px}img{max-width:100%;border:1px solid #ddd;margin:4px 0}
-.note{color:#555;font-size:12px}h2{margin-top:24px}"""
 
 LINK_SCRIPT = """<script>
 // MLflow's artifact viewer shows this page in a sandboxed frame, where no link can open (the sandbox blocks
@@ -242,6 +219,5 @@ def render_study_page(study_name: str, category: str, protocol: Protocol, rows: 
     return "\n".join(parts)
 
 
-__all__ = ["TrialRow", "trial_rows", "render_study_page", "figure_png", "logged_intervals", "figure_columns",
-           "figure_value", "interval_text", "state_text", "param_text", "number", "LABELS",
-           "INTERVAL_NOTE"]
+__all__ = ["TrialRow", "trial_rows", "render_study_page", "figure_png", "figure_columns", "figure_value",
+           "interval_text", "state_text", "param_text", "LABELS", "INTERVAL_NOTE"]

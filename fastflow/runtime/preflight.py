@@ -51,7 +51,7 @@ _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd"
 
 def missing_gpu(device: str) -> Optional[str]:
     """Why `device` (cuda, cuda:N) cannot exist on this machine, judged in milliseconds from its device files
-    (no GPU driver at all), or None. torch has the last word (`train.resolve_device`)."""
+    (no GPU driver at all), or None. torch has the last word (`device.resolve_device`)."""
     if not device.startswith("cuda") or any(Path(path).exists() for path in _GPU_DEVICE_FILES):
         return None
     return (f"train.device={device!r} but this machine has no GPU driver ({', '.join(_GPU_DEVICE_FILES[:2])} "

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fastflow.core.model import FastFlow
-from fastflow.core.scoring import NormalStats, needs_stats, score_with_map
+from fastflow.core.scoring import NormalStats, ScoreSettings, score_with_map
 from fastflow.data.dataset import image_tensor
 from fastflow.runtime.checkpoint import CheckpointError, load_checkpoint
 from fastflow.runtime.config import ConfigError, RunConfig, config_from_dict
@@ -70,10 +70,9 @@ class Predictor(torch.nn.Module):
         self.score_range = checkpoint["score_range"]
         stats = checkpoint.get("normal_stats")
         self.stats = NormalStats.from_dict(stats).to(self.device) if stats is not None else None
-        if self.stats is None and needs_stats(model_cfg.map_norm, model_cfg.image_score, model_cfg.score_norm):
-            raise CheckpointError(f"{label} has no held-out normal statistics, but its config uses model.map_norm="
-                             f"{model_cfg.map_norm}, model.score_norm={model_cfg.score_norm}, "
-                             f"model.image_score={model_cfg.image_score}")
+        self.score_settings = ScoreSettings.of(model_cfg)
+        if self.stats is None and self.score_settings.needs_stats:
+            raise CheckpointError(f"{label} holds no held-out normal statistics: {self.score_settings.missing_stats()}")
 
     @classmethod
     def from_file(cls, path: Path, device: str = "cpu", label: str = "") -> "Predictor":
@@ -86,9 +85,7 @@ class Predictor(torch.nn.Module):
         """`(B,3,S,S)` RGB in [0,1] -> (anomaly maps, the maps the score reads, both `(B,1,S,S)`, scores `(B,)`)."""
         latents, log_jacs = self.model(images)
         size = (images.shape[-2], images.shape[-1])
-        m = self.cfg.model
-        return score_with_map(latents, log_jacs, size, m.anomaly_map, m.map_norm, m.image_score, m.topk_fraction,
-                              self.stats, m.score_norm, m.score_map)
+        return score_with_map(latents, log_jacs, size, self.score_settings, self.stats)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`(B,3,S,S)` RGB in [0,1] -> (maps `(B,1,S,S)`, scores `(B,)`); the exportable graph."""

@@ -22,6 +22,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fastflow.engine.protocol import protocol_for_metric
+from fastflow.tracking._search import all_runs
 from fastflow.tracking.registry import CHAMPION, best_version, model_versions
 from fastflow.tracking.store import connect
 
@@ -30,16 +31,7 @@ INTERRUPTED = ("interrupted", "terminated (SIGTERM)")
 
 
 def _all_runs(client) -> list:
-    runs = []
-    for experiment in client.search_experiments():
-        token = None
-        while True:
-            page = client.search_runs([experiment.experiment_id], max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                break
-    return runs
+    return all_runs(client, [experiment.experiment_id for experiment in client.search_experiments()])
 
 
 def check_runs_and_trials(storage: str | None) -> list[str]:

@@ -14,6 +14,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from fastflow.runtime.signals import is_dead, process_identity
+from fastflow.tracking._search import all_runs
 
 log = logging.getLogger(__name__)
 OWNER_TAG = "owner"
@@ -28,17 +29,7 @@ def owner_tags() -> dict[str, str]:
 def _running_runs_of_this_host(client: MlflowClient) -> list:
     host = socket.gethostname().replace("'", "")
     query = f"attributes.status = 'RUNNING' and tags.{OWNER_TAG} LIKE '{host}:%'"
-    ids = [experiment.experiment_id for experiment in client.search_experiments()]
-    runs = []
-    for start in range(0, len(ids), 100):  # one search per 100 experiments (a server's limit)
-        token = None
-        while True:
-            page = client.search_runs(ids[start:start + 100], query, max_results=1000, page_token=token)
-            runs += list(page)
-            token = page.token
-            if not token:
-                break
-    return runs
+    return all_runs(client, [experiment.experiment_id for experiment in client.search_experiments()], query)
 
 
 def close_dead_runs(client: MlflowClient) -> list[str]:

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from fastflow.runtime.faults import describe
 from fastflow.runtime.redact import redact
+from fastflow.tracking._search import all_runs
 from fastflow.tracking.logger import CHECKPOINT_ARTIFACT, TEST_PIXEL_COUNTS, TEST_SCORES
 from fastflow.tracking.store import connect, quoted
 
@@ -23,14 +24,7 @@ def child_run_summaries(parent_run_id: str) -> dict[str, dict]:
     """run id -> {name, status, experiment_id, metrics (latest values), tags} of the parent's nested runs."""
     client = MlflowClient()
     parent = client.get_run(parent_run_id)
-    runs, token = [], None
-    while True:
-        page = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = {quoted(parent_run_id)}",
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
+    runs = all_runs(client, [parent.info.experiment_id], f"tags.mlflow.parentRunId = {quoted(parent_run_id)}")
     return {run.info.run_id: {"name": run.info.run_name, "status": run.info.status,
                               "experiment_id": run.info.experiment_id, "metrics": dict(run.data.metrics),
                               "tags": dict(run.data.tags)} for run in runs}
@@ -82,10 +76,4 @@ def finished_runs(experiment: str, filter_string: str = "", uri: str = "") -> li
         raise ValueError(f"unknown experiment '{experiment}'; experiments: {', '.join(names) or 'none'} "
                          f"(tracking store {redact(mlflow.get_tracking_uri())})")
     query = " and ".join(q for q in ("attributes.status = 'FINISHED'", filter_string) if q)
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], filter_string=query, max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            return runs
+    return all_runs(client, [found.experiment_id], query)

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from conftest import fast_config, restored_tracking_uri
 from fastflow import cli
 from fastflow.engine.reference import CACHE_FOLDER, PREFIX
-from fastflow.engine.train import reference_of, train_and_evaluate
+from fastflow.engine.encode import reference_of
+from fastflow.engine.train import train_and_evaluate
 from fastflow.tracking.runs import start_run
 
 SETTINGS = ("model.input_size=128", "train.epochs=1", "train.max_train_images=0", "eval.heatmap_images=0")

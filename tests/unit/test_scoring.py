@@ -11,8 +11,8 @@ import torch
 
 from fastflow.core.anomaly_map import image_score, scale_maps
 from fastflow.core.ema import ema_decay, make_ema
-from fastflow.core.scoring import (NormalStats, image_nll, nll_image_score, normal_stats, score, score_scales,
-                                   standardise)
+from fastflow.core.scoring import (NormalStats, ScoreSettings, image_nll, nll_image_score, normal_stats, score,
+                                   score_scales, standardise)
 from fastflow.engine.train import train_and_evaluate
 from fastflow.runtime.config import ConfigError
 from fastflow.serve.export import export_predictor, run_exported
@@ -87,8 +87,8 @@ def test_score_norm_standardises_the_score_but_not_the_map() -> None:
     target = torch.cat([normal_image, defect]) / 200  # into (0, 1), the z2 map's range
     latents = [torch.sqrt(-2 * torch.log(1 - target))]  # 1 - exp(-0.5 z^2) = target
     single = normal_stats([m[:, :, :4, :4] / 200 for m in maps[:1]], nll[:, :1])
-    raw_map, raw_score = score(latents, [], (4, 4), "z2", "none", "max", stats=single)
-    fused, scores = score(latents, [], (4, 4), "z2", "none", "max", stats=single, score_norm="position")
+    raw_map, raw_score = score(latents, [], (4, 4), ScoreSettings("z2", "none", "max"), stats=single)
+    fused, scores = score(latents, [], (4, 4), ScoreSettings("z2", "none", "max", score_norm="position"), stats=single)
     assert torch.allclose(fused, raw_map) and torch.allclose(raw_map, target, atol=1e-5)  # the map stays raw
     assert raw_score.argmax() == 0 and scores.argmax() == 1  # the score discounts the normal border
 
@@ -102,14 +102,16 @@ def test_score_map_reads_another_kind_of_map_than_the_output() -> None:
     size = (8, 8)
     z2 = scale_maps("z2", latents, log_jacs)
     stats = normal_stats([m[:3] for m in z2], torch.zeros(3, 2))
-    fused, scores = score(latents, log_jacs, size, "nll", "none", "max", stats=stats, score_norm="position",
-                          score_map="z2")
-    nll_map, _ = score(latents, log_jacs, size, "nll", "none", "max")
-    z2_map, z2_scores = score(latents, log_jacs, size, "z2", "none", "max", stats=stats, score_norm="position")
+    fused, scores = score(latents, log_jacs, size, ScoreSettings("nll", "none", "max", score_norm="position",
+                                                                 score_map="z2"), stats=stats)
+    nll_map, _ = score(latents, log_jacs, size, ScoreSettings("nll", "none", "max"))
+    z2_map, z2_scores = score(latents, log_jacs, size, ScoreSettings("z2", "none", "max", score_norm="position"),
+                              stats=stats)
     assert torch.allclose(fused, nll_map)  # the output map is the NLL map
     assert torch.allclose(scores, z2_scores)  # the score reads the standardised z2 map
-    assert not torch.allclose(scores, score(latents, log_jacs, size, "nll", "none", "max", stats=stats,
-                                            score_norm="position")[1])
+    assert not torch.allclose(scores, score(latents, log_jacs, size, ScoreSettings("nll", "none", "max",
+                                                                                  score_norm="position"),
+                                            stats=stats)[1])
     with pytest.raises(ConfigError, match="model.map_norm='position' is invalid; expected none when model.score_map"):
         from fastflow.runtime.config import load_config
         load_config(None, ["model.anomaly_map=nll", "model.score_map=z2", "model.map_norm=position"])
@@ -206,19 +208,19 @@ def test_cross_fitted_scores_each_row_without_its_own_image() -> None:
     per_scale = [torch.cat([normals, copies])]
     nll = torch.zeros(12, 1)
     normal, source = torch.arange(6), torch.arange(12) % 6
-    size, options = (8, 8), dict(map_norm="none", image_mode="max", score_norm="position")
-    maps, scored, scores = cross_fitted(per_scale, nll, normal, source, size, **options)
-    in_sample = score_scales(per_scale, nll, size, stats=normal_stats([normals], nll[:6]), **options)[2]
+    size, settings = (8, 8), ScoreSettings(map_norm="none", image_score="max", score_norm="position")
+    maps, scored, scores = cross_fitted(per_scale, nll, normal, source, size, settings)
+    in_sample = score_scales(per_scale, nll, size, settings, stats=normal_stats([normals], nll[:6]))[2]
     assert scores[0] > 2 * in_sample[0]  # the spike, no longer hidden by its own statistics
     for row in (0, 3, 9):  # each row equals scoring it with the statistics of the other normals
         others = normal[normal != source[row]]
-        expected = score_scales([per_scale[0][row:row + 1]], nll[row:row + 1], size,
-                                stats=normal_stats([normals[others]], nll[others]), **options)[2]
+        expected = score_scales([per_scale[0][row:row + 1]], nll[row:row + 1], size, settings,
+                                stats=normal_stats([normals[others]], nll[others]))[2]
         assert float(scores[row]) == pytest.approx(float(expected[0]))
     assert torch.equal(maps, per_scale[0])  # map_norm none: the output map is the raw map
     assert torch.equal(scored.flatten(1).max(dim=1).values, scores)  # the map the max score reads, returned with it
     with pytest.raises(ValueError, match="at least 2 held-out normal"):
-        cross_fitted(per_scale, nll, normal[:1], torch.zeros(12, dtype=torch.long), size, **options)
+        cross_fitted(per_scale, nll, normal[:1], torch.zeros(12, dtype=torch.long), size, settings)
 
 
 def replace_model(cfg, **values):
@@ -349,8 +351,10 @@ def test_off_defect_scores_tell_a_detected_defect_from_a_difference_off_the_defe
     for defective, expected_off in ((bumped, (0.3, 0.7)), (brighter, (0.95, 1.0))):
         maps = torch.cat([normal, defective])
         on = image_score(maps, image_mode, topk_fraction=0.02)
-        off = off_defect_scores(maps, masks, image_mode, topk_fraction=0.02, margin=2 / size)
+        settings = ScoreSettings(image_score=image_mode, topk_fraction=0.02)
+        off = off_defect_scores(maps, masks, settings, margin=2 / size)
         assert image_auroc(labels, on.numpy()) > 0.95
         assert expected_off[0] <= image_auroc(labels, off.numpy()) <= expected_off[1]
         assert torch.equal(off[:n], on[:n])  # images without a defect keep their score
-    assert off_defect_scores(maps, masks, "nll_z") is None  # a whole-image likelihood leaves nothing out
+    # a whole-image likelihood leaves nothing out
+    assert off_defect_scores(maps, masks, ScoreSettings(image_score="nll_z")) is None

@@ -35,11 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/: per
 from fastflow.core import metrics as M  # noqa: E402
 from fastflow.core.anomaly_map import scale_maps  # noqa: E402
 from fastflow.core.model import FastFlow  # noqa: E402
-from fastflow.core.scoring import cross_fitted, image_nll, normal_stats, off_defect_scores, score_scales  # noqa: E402
+from fastflow.core.scoring import (ScoreSettings, cross_fitted, image_nll, normal_stats,  # noqa: E402
+                                   off_defect_scores, score_scales)
 from fastflow.data.anomalies import anomaly_kind  # noqa: E402
 from fastflow.data.dataset import anomaly_spec, make_splits, source_of  # noqa: E402
 from fastflow.data.features import EncodedSplit  # noqa: E402
-from fastflow.engine.train import encode_splits, seed_everything  # noqa: E402
+from fastflow.engine.encode import encode_splits  # noqa: E402
+from fastflow.engine.train import seed_everything  # noqa: E402
 from fastflow.runtime.config import load_config  # noqa: E402
 
 from per_seed import trained_epochs  # noqa: E402
@@ -153,11 +155,11 @@ def score_epoch(outputs: dict, meta: dict, chosen: list[Variant]) -> list[dict]:
     rows, pixel = [], {}
     for variant in chosen:
         stats = normal_stats([m[normal] for m in val[variant.map]], val["image_nll"][normal])
-        fused, read, test_scores = score_scales(test[variant.map], test["image_nll"], size, variant.map_norm,
-                                                variant.score, meta["topk_fraction"], stats, variant.score_norm)
-        off_defect = off_defect_scores(read, meta["test_masks"], variant.score, meta["topk_fraction"])
-        _, _, val_scores = cross_fitted(val[variant.map], val["image_nll"], normal, sources, size, variant.map_norm,
-                                        variant.score, meta["topk_fraction"], variant.score_norm)
+        settings = ScoreSettings(variant.map, variant.map_norm, variant.score, meta["topk_fraction"],
+                                 variant.score_norm)
+        fused, read, test_scores = score_scales(test[variant.map], test["image_nll"], size, settings, stats)
+        off_defect = off_defect_scores(read, meta["test_masks"], settings)
+        _, _, val_scores = cross_fitted(val[variant.map], val["image_nll"], normal, sources, size, settings)
         val_scores = val_scores.numpy()
         row = {"variant": variant.name, "key": list(variant.__dict__.values()), "image_auroc": M.image_auroc(test_labels, test_scores.numpy()),
                "val_image_auroc": M.image_auroc(val_labels.numpy(), val_scores),
