@@ -36,6 +36,10 @@ def _train(args) -> int:
             print(f"mlflow run: {tracker.run_id}")
     best = {k.split("/")[-1]: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("eval/")}
     print(f"best epoch {result.best_epoch}, selected on {result.selection_protocol}: {best}")
+    if result.reference:
+        from fastflow.pages.reference import reference_line
+
+        print(reference_line(result.reference, cfg.data.category))
     print(f"stored threshold: {result.threshold_source}")
     from fastflow.engine.selection import fidelity_line
 

@@ -197,7 +197,7 @@ def gap_chart(rows: list[ReportRow]) -> bytes:
     """PNG: per backbone, bars of ours − paper (image and pixel AUROC) for each MVTec AD category."""
     from fastflow.pages.visualize import plt
 
-    compared = [r for r in rows if r.paper is not None]
+    compared = [r for r in rows if r.paper is not None and not r.implementation]  # ours: no peer, no kNN row
     backbones = sorted({r.backbone for r in compared})
     widest = max([sum(r.backbone == b for r in compared) for b in backbones] or [1])
     figure, axes = plt.subplots(max(1, len(backbones)), 1, squeeze=False,
@@ -229,6 +229,7 @@ def gap_chart(rows: list[ReportRow]) -> bytes:
 def summary_metrics(rows: list[ReportRow]) -> dict[str, float]:
     """Mean gaps per backbone, logged on the `report` run."""
     metrics: dict[str, float] = {"report/rows": float(len(rows))}
+    rows = [r for r in rows if not r.implementation]  # the gaps are ours: peers' and the kNN rows stand apart
     for backbone in sorted({r.backbone for r in rows if r.paper is not None}):
         for protocol in sorted({r.protocol for r in rows if r.backbone == backbone and r.paper is not None}):
             group = [r for r in rows if r.backbone == backbone and r.paper is not None and r.protocol == protocol]

@@ -13,6 +13,7 @@ from fastflow.data.paper import MVTEC_CATEGORIES, paper_numbers
 from fastflow.engine.protocol import (LEAK_FREE, PAPER, Protocol, RANKED_METRICS, protocol_for_metric, protocol_named,
                                       ranking_key)
 from fastflow.engine.selection import OPTIMISM_KEY, POINTS_KEY, RELIABILITY_KEY, SPEARMAN_KEY
+from fastflow.engine.reference import LABEL as REFERENCE_LABEL
 from fastflow.pages._format import logged_intervals
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -147,6 +148,33 @@ def _fidelity(values: dict) -> dict[str, float]:
 def _mean_fidelity(runs: list) -> dict[str, float]:
     return {name: float(np.mean([r.data.metrics[key] for r in runs])) for name, key in FIDELITY_KEYS
             if all(key in r.data.metrics for r in runs)}
+
+
+REFERENCE_METRICS = {**{m: f"reference/{m}" for m in METRICS}, "off_defect": f"reference/{OFF_DEFECT}"}
+
+
+def reference_rows(rows: list[ReportRow], runs: list) -> list[ReportRow]:
+    """One row "kNN on the same features" per (category, backbone) of this project's rows: the `reference/*` metrics
+    of the runs of its leak-free row (else its first row), mean ± sd over their seeds, with the logged interval of a
+    single seed. Leak-free by construction (no training, no test label in any choice)."""
+    by_id = {run.info.run_id: run for run in runs}
+    found: dict[tuple, ReportRow] = {}
+    for row in sorted(rows, key=lambda r: r.protocol != LEAK_FREE.name):
+        measured = [by_id[i] for i in row.run_ids if i in by_id and REFERENCE_METRICS["image_auroc"] in
+                    by_id[i].data.metrics]
+        if row.implementation or not measured or (row.category, row.backbone) in found:
+            continue
+        values = {name: [r.data.metrics[key] for r in measured if key in r.data.metrics]
+                  for name, key in REFERENCE_METRICS.items()}
+        found[(row.category, row.backbone)] = ReportRow(
+            row.category, row.backbone, measured[0].info.run_id, measured[0].info.run_name or "",
+            {m: float(np.mean(values[m])) for m in METRICS if values[m]}, None, LEAK_FREE.name, row.paper,
+            fidelity={"off_defect": float(np.mean(values["off_defect"]))} if values["off_defect"] else {},
+            run_ids=[r.info.run_id for r in measured],
+            spread={m: float(np.std(values[m], ddof=1)) for m in METRICS if len(values[m]) > 1},
+            intervals=logged_intervals(measured[0].data.metrics, PAPER_COMPARED, "reference/") if len(measured) == 1
+            else {}, implementation=REFERENCE_LABEL)
+    return list(found.values())
 
 
 @dataclass

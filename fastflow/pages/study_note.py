@@ -17,8 +17,9 @@ from urllib.parse import quote
 from fastflow.engine.protocol import Protocol
 from fastflow.pages._format import markdown_row, number
 from fastflow.pages.model_card import run_link, version_link
+from fastflow.pages.reference import reference_line
 from fastflow.pages.study_page import (INTERVAL_NOTE, LABELS, TrialRow, figure_columns, figure_value, interval_text,
-                                       param_text, state_text)
+                                       param_text, reference_lines, state_text)
 
 NOTE_LIMIT = 7800  # MLflow keeps 8000 characters of a tag value
 
@@ -138,6 +139,8 @@ def study_description(study_name: str, category: str, protocol: Protocol, rows: 
         counts[row.state] = counts.get(row.state, 0) + 1
     best = next((row for row in rows if row.place == 1), None)
     head = [champion_line(champion, best, protocol), "",
+            *(f"Reference{f' ({code(preset)} features)' if preset else ''}: {md(line)}." for preset, line
+              in reference_lines(rows).items()), "",
             f"Study {code(study_name)}, category {code(category)}: {len(rows)} trials ("
             + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), selection protocol **{protocol.label}**, "
             f"ranked by {ranking(protocol)} (later metrics break ties). Every trial, linked to its run:", ""]
@@ -170,6 +173,7 @@ def trial_description(row: TrialRow, protocol: Protocol, complete: int, study_na
              f"- objective {code(protocol.metric)}: {objective}",
              f"- state: complete; best epoch {'?' if epoch is None else int(epoch)}, chosen by {protocol.name}",
              f"- at that epoch: {'; '.join(others)}",
+             *([f"- beside it, {md(reference_line(row.reference))}"] if row.reference else []),
              f"- {INTERVAL_NOTE}"]
     if champion is not None and row.place == 1:
         link = f"[{md(champion.model)} v{md(champion.version)}]({version_link(champion.model, champion.version)})"
@@ -194,15 +198,17 @@ def terminal_summary(study_name: str, rows: Sequence[TrialRow], protocol: Protoc
                  f"{figure_cell(best, protocol.metric, protocol).strip('*')}, epoch "
                  f"{'?' if epoch is None else int(epoch)}; selection: {protocol.label}")
     lines += [f"  {name:<24} {param_text(value)}" for name, value in best.params.items()]
-    lines.append(f"  {'':<24} {'ours':>6}  {'95% interval':<16} {'paper':>6}")
+    lines.append(f"  {'':<24} {'ours':>6}  {'95% interval':<16} {'kNN':>6}  {'paper':>6}")
     for name in ("image_auroc", "pixel_auroc", "aupro", "val_image_auroc"):
         value = figure_value(best, name, protocol)
         if value is not None:
             theirs = (paper or {}).get(name) if not name.startswith("val_") else None
             lines.append(f"  {name:<24} {number(value):>6}  {interval_text(best, name):<16} "
+                         f"{number(best.reference.get(name), missing='-'):>6}  "
                          f"{'-' if theirs is None else f'{theirs:.3f}':>6}")
     lines.append("  (ours: test set at the selected epoch; val_*: held-out normals + synthetic anomalies; "
-                 "intervals: bootstrap over the images)")
+                 "kNN: the nearest training patch on the same backbone features, no training, leak-free by "
+                 "construction; intervals: bootstrap over the images)")
     if paper:
         lines.append("  (paper: CaiT per-category numbers, test-set selection)")
     return "\n".join(lines + [fidelity])

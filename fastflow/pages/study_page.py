@@ -17,6 +17,7 @@ from typing import Mapping, Optional, Sequence
 from fastflow.core.metrics import INTERVAL_LEVEL, INTERVAL_METRICS
 from fastflow.engine.protocol import Protocol, RANKED_METRICS, ranking_key
 from fastflow.pages._format import STYLE, interval, logged_intervals, number
+from fastflow.pages.reference import reference_line, reference_values
 
 STATE_NOTES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
                "WAITING": "waiting"}
@@ -41,6 +42,7 @@ class TrialRow:
     intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # metric -> (low, high), best epoch
     place: Optional[int] = None  # 1 = best complete trial; None for trials that did not complete
     model_uri: str = ""  # the run's logged model
+    reference: dict[str, float] = field(default_factory=dict)  # the run's kNN reference (`pages.reference`)
 
 
 def figure_png(figure) -> bytes:
@@ -82,7 +84,8 @@ def trial_rows(trials: Sequence, runs: Mapping[str, Mapping], protocol: Protocol
         rank = ranking_key({**metrics, protocol.metric: value if value is not None else last}, protocol)
         intervals = logged_intervals(run.get("metrics", {}), INTERVAL_METRICS) if state == "complete" else {}
         rows.append(TrialRow(trial.number, state, value, dict(trial.params), metrics, run_id, run.get("name", ""),
-                             run.get("experiment_id", ""), note, rank, intervals, model_uri=tags.get("model_uri", "")))
+                             run.get("experiment_id", ""), note, rank, intervals, model_uri=tags.get("model_uri", ""),
+                             reference=reference_values(run.get("metrics", {}))))
     order = {"complete": 0, "pruned": 1}
     rows.sort(key=lambda r: (order.get(r.state, 2), tuple(-v for v in r.rank) if r.state in order else (), r.number))
     for place, row in enumerate((r for r in rows if r.state == "complete"), start=1):
@@ -181,6 +184,20 @@ def _table(rows: list[TrialRow], protocol: Protocol, best: Optional[int]) -> str
     return "\n".join(lines + ["</table>"])
 
 
+def reference_lines(rows: Sequence[TrialRow]) -> dict[str, str]:
+    """preset ('' when the space has one) -> the line of its features' kNN reference, the best trial's first."""
+    lines: dict[str, str] = {}
+    for row in rows:
+        if row.reference:
+            lines.setdefault(str(row.params.get("preset", "")), reference_line(row.reference))
+    return lines
+
+
+def reference_paragraphs(rows: Sequence[TrialRow]) -> list[str]:
+    return [f"<p><b>Reference</b>{f' ({html.escape(preset)} features)' if preset else ''}: {html.escape(line)}.</p>"
+            for preset, line in reference_lines(rows).items()]
+
+
 def render_study_page(study_name: str, category: str, protocol: Protocol, rows: list[TrialRow],
                       best: Optional[int], heatmaps: Optional[bytes], figures: Mapping[str, bytes],
                       server: str = "") -> str:
@@ -202,6 +219,7 @@ def render_study_page(study_name: str, category: str, protocol: Protocol, rows: 
         "protocol. Test figures use test labels; leak-free figures use held-out normal images plus synthetic "
         f"anomalies only. {html.escape(INTERVAL_NOTE)}. Pruned and failed trials stop before their summary: no "
         "figures here (their runs hold the per-epoch curves).</p>",
+        *reference_paragraphs(rows),
         "<h2>Trials</h2>",
         '<p class="note" id="links">Inside MLflow\'s artifact viewer no link can open (the viewer\'s sandbox blocks '
         "them): open a trial from the parent run's Overview, whose description links every trial, or paste its run "
@@ -220,4 +238,4 @@ def render_study_page(study_name: str, category: str, protocol: Protocol, rows: 
 
 
 __all__ = ["TrialRow", "trial_rows", "render_study_page", "figure_png", "figure_columns", "figure_value",
-           "interval_text", "state_text", "param_text", "LABELS", "INTERVAL_NOTE"]
+           "interval_text", "state_text", "param_text", "reference_lines", "LABELS", "INTERVAL_NOTE"]

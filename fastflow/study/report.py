@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from fastflow.pages.report_page import gap_chart, html_page, markdown, summary_metrics
-from fastflow.pages.report_rows import ReportRow, attach_intervals, best_rows, study_rows
+from fastflow.pages.report_rows import ReportRow, attach_intervals, best_rows, reference_rows, study_rows
 from fastflow.tracking.results import finished_runs, read_pixel_counts, read_test_scores
 from fastflow.tracking.runs import log_report_run
 
@@ -42,6 +42,7 @@ def write_report(experiment: str = "fastflow", out: Path = Path("reports"), uri:
     runs = finished_runs(experiment, uri=uri)
     rows, studies = best_rows(runs), study_rows(runs)
     attach_intervals(rows, read_test_scores, read_pixel_counts)
+    rows += reference_rows(rows, runs)  # the same features without a flow, beside each of our rows
     if not rows:
         raise LookupError(f"no FINISHED run tagged category and backbone with best/image_auroc in experiment "
                           f"'{experiment}'; train or sweep first")

@@ -199,3 +199,31 @@ def test_seeds_of_one_configuration_are_one_row_with_spread_and_interval(tmp_pat
     assert (f"| screw | tf_efficientnet_lite0 | 3 | {np.mean(image):.3f} ± {np.std(image, ddof=1):.3f} "
             f"[{low:.3f}, {high:.3f}] | 0.978 | 0.846 | 0.839 (wide_resnet50_2) |") in markdown
     assert lucky[0][0] not in {r.run_id for r in result.rows}
+
+
+def test_each_configuration_gets_a_knn_reference_row_beside_it(tmp_path: Path) -> None:
+    """Runs that logged `reference/*` get a row "kNN on the same features" (mean ± sd over the seeds, leak-free),
+    apart from ours: the gap chart and the report run's mean gaps read our rows only."""
+    client = MlflowClient()
+    experiment_id = client.create_experiment("report-reference", artifact_location=(tmp_path / "a").as_uri())
+    reference = {0: (0.93, 0.990, 0.90, 0.70), 1: (0.95, 0.992, 0.92, 0.72)}
+    for seed, (image, pixel, aupro, off_defect) in reference.items():
+        run_id = client.create_run(experiment_id, tags={"category": "screw", "backbone": "tf_efficientnet_lite0",
+                                                        "selection_metric": "val_image_auroc"}).info.run_id
+        client.log_param(run_id, "train.seed", seed)
+        for key, value in {"best/image_auroc": 0.70, "best/pixel_auroc": 0.96, "best/aupro": 0.85,
+                           "best/val_image_auroc": 0.9, "reference/image_auroc": image, "reference/pixel_auroc": pixel,
+                           "reference/aupro": aupro, "reference/off_defect_image_auroc": off_defect}.items():
+            client.log_metric(run_id, key, value, step=0)
+        client.set_terminated(run_id, "FINISHED")
+    result = write_report("report-reference", tmp_path / "out", log_to_mlflow=True)
+    ours, knn = result.rows
+    assert ours.implementation == "" and knn.implementation == "kNN on the same features"
+    assert knn.protocol == LEAK_FREE.name and knn.run_ids == ours.run_ids and knn.epoch is None
+    assert knn.ours["image_auroc"] == pytest.approx(0.94) and knn.spread["image_auroc"] == pytest.approx(
+        np.std([0.93, 0.95], ddof=1))
+    assert knn.fidelity["off_defect"] == pytest.approx(0.71)
+    markdown = (tmp_path / "out" / "paper_gap.md").read_text()
+    assert "| screw | tf_efficientnet_lite0 (kNN on the same features, measured here) | 2 | 0.940 ± 0.014 |" in markdown
+    logged = client.get_run(result.run_id).data.metrics
+    assert logged["report/tf_efficientnet_lite0/leak-free/mean_image_auroc_gap"] == pytest.approx(0.70 - 0.978)
