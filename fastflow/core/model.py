@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -29,9 +31,16 @@ class FastFlow(nn.Module):
         self.register_buffer("std", torch.tensor(cfg.std or std).view(1, 3, 1, 1))
         shapes = [(c, cfg.input_size // s, cfg.input_size // s) for c, s in
                   zip(self.backbone.channels, self.backbone.strides)]
+        self.shapes = shapes
         self.norms = nn.ModuleList(feature_norm(cfg, shape) for shape in shapes)  # after `local_average`
         self.flows = nn.ModuleList(
             build_flow(*shape, cfg.flow_steps, cfg.conv3x3_only, cfg.hidden_ratio, cfg.clamp) for shape in shapes)
+
+    def use_feature_norm(self, kind: str) -> None:
+        """Fresh norms of `kind` (`model.feature_norm: auto`, once the training features have chosen it)."""
+        self.cfg = replace(self.cfg, feature_norm=kind)
+        device = self.mean.device
+        self.norms = nn.ModuleList(feature_norm(self.cfg, shape) for shape in self.shapes).to(device)
 
     def set_exposure_level(self, level: float) -> None:
         """The mean grey level (in [0,1]) that `model.exposure: mean` scales every image to."""
@@ -80,7 +89,8 @@ class ChannelNorm(nn.Module):
 
 def feature_norm(cfg: ModelConfig, shape: tuple[int, int, int]) -> nn.Module:
     """The trainable normalisation of one scale's CNN features (transformer features come normed): `chw`, the
-    paper's LayerNorm over `(C,H,W)` with an affine per position (gathierry); `channel`, over C at each position."""
+    paper's LayerNorm over `(C,H,W)` with an affine per position (gathierry); `channel`, over C at each position
+    (`auto` builds the paper's until `FastFlow.use_feature_norm` sets the chosen one)."""
     if is_transformer_name(cfg.backbone):
         return nn.Identity()
     if cfg.feature_norm == "channel":

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from fastflow.core.model import FastFlow
 from fastflow.data.dataset import ImageDataset, Splits, anomaly_spec, content_hash, make_splits, mean_level
-from fastflow.data.features import EncodedSplit, FeatureCache, cache_key, encode_cached
+from fastflow.data.features import EncodedSplit, FeatureCache, cache_key, encode, encode_cached
 from fastflow.engine.reference import knn_reference
 from fastflow.runtime.config import RunConfig
 from fastflow.runtime.device import resolve_device
@@ -50,6 +50,15 @@ def encode_splits(model: FastFlow, cfg: RunConfig, splits: Splits, device: torch
     return Encoded(train, validation, run(splits.test, "test"), keys)
 
 
+def train_features(model: FastFlow, cfg: RunConfig, samples: list, encoded: Encoded,
+                   device: torch.device) -> EncodedSplit:
+    """The training images' features: the encoded ones, or a backbone pass when the feature cache is off."""
+    if encoded.train is not None:
+        return encoded.train
+    return encode(model, ImageDataset(samples, cfg.model.input_size), cfg.eval.batch_size, device,
+                  cfg.data.num_workers, desc="train features")
+
+
 def reference_of(cfg: RunConfig) -> dict[str, float]:
     """`fastflow reference`: the kNN reference of `cfg`'s data and backbone features alone, with no flow trained (the
     same features, cache entries and `reference/*` values a training run of `cfg` logs)."""
@@ -57,7 +66,8 @@ def reference_of(cfg: RunConfig) -> dict[str, float]:
     splits = make_splits(cfg.data, cfg.train.max_train_images, cfg.train.seed)
     model = FastFlow(cfg.model).to(device)
     encoded = encode_splits(model, cfg, splits, device)
-    return knn_reference(model, cfg, splits.train, encoded, device)
+    return knn_reference(cfg, model.backbone.strides, lambda: train_features(model, cfg, splits.train, encoded, device),
+                         encoded)
 
 
 def train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Encoded, device: torch.device,

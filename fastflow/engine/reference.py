@@ -13,15 +13,13 @@ import logging
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
-import torch
 
 from fastflow.core import metrics as M
 from fastflow.core.knn import KnnRecipe, knn_maps
 from fastflow.core.scoring import ScoreSettings, off_defect_scores
-from fastflow.data.dataset import ImageDataset, Sample
-from fastflow.data.features import EncodedSplit, encode
+from fastflow.data.features import EncodedSplit
 from fastflow.runtime.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -95,23 +93,15 @@ def cached_reference(directory: Path | None, key: str, compute) -> tuple[dict[st
     return values, False
 
 
-def knn_reference(model, cfg: RunConfig, train_samples: list[Sample], encoded, device: torch.device,
+def knn_reference(cfg: RunConfig, strides: list[int], train_features: Callable[[], EncodedSplit], encoded,
                   recipe: KnnRecipe = KnnRecipe()) -> dict[str, float]:
     """The run's `reference/<metric>` values: read back when this pair of feature-cache entries (`encoded.keys`, an
-    `engine.encode.Encoded`) already has them, else computed from the cached training features (or a backbone pass
-    over `train_samples` when the feature cache is off) and stored beside the feature cache."""
+    `engine.encode.Encoded`) already has them, else computed from `train_features()` and `encoded.test` and stored
+    beside the feature cache."""
     directory = Path(cfg.train.cache_dir) if cfg.train.feature_cache == "disk" else None
     key = reference_key(encoded.keys["train"], encoded.keys["test"], recipe, cfg.eval.aupro_fpr_limit)
-    train, test = encoded.train, encoded.test
-
-    def compute() -> dict[str, float]:
-        features = train if train is not None else encode(
-            model, ImageDataset(train_samples, cfg.model.input_size), cfg.eval.batch_size, device,
-            cfg.data.num_workers, desc="reference features")
-        return reference_metrics(features, test, model.backbone.strides, cfg.model.input_size, recipe,
-                                 cfg.eval.aupro_fpr_limit)
-
-    values, cached = cached_reference(directory, key, compute)
+    values, cached = cached_reference(directory, key, lambda: reference_metrics(
+        train_features(), encoded.test, strides, cfg.model.input_size, recipe, cfg.eval.aupro_fpr_limit))
     log.info("%s: image AUROC %.3f [%.3f, %.3f]%s", LABEL, values[PREFIX + "image_auroc"],
              values[PREFIX + "image_auroc_ci_low"], values[PREFIX + "image_auroc_ci_high"],
              " (cached)" if cached else "")

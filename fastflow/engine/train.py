@@ -7,6 +7,7 @@ callback (the sweep reports to Optuna there and may raise to prune).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -19,13 +20,15 @@ import torch
 from tqdm import tqdm
 
 from fastflow.core import metrics as M
+from fastflow.core.alignment import feature_norm_for
 from fastflow.core.ema import ema_decay, make_ema
 from fastflow.core.loss import nll_loss
 from fastflow.core.metrics import NonFiniteError
 from fastflow.core.model import FastFlow, count_parameters
 from fastflow.core.scoring import ScoreSettings
 from fastflow.data.dataset import Splits, dataset_hash, make_splits
-from fastflow.engine.encode import Encoded, encode_splits, train_batches
+from fastflow.data.features import EncodedSplit
+from fastflow.engine.encode import Encoded, encode_splits, train_batches, train_features
 from fastflow.engine.evaluate import (EpochEvaluation, Evaluation, evaluate_epoch, heatmap_indices, load_images,
                                       measure_inference)
 from fastflow.engine.reference import knn_reference
@@ -234,7 +237,10 @@ def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, Train
                                             "threshold_source": threshold_source,
                                             "flow_parameters": str(flow_parameters)})
     encoded = encode_splits(model, cfg, splits, device)
-    reference = knn_reference(model, cfg, splits.train, encoded, device) if cfg.eval.knn_reference else {}
+    features = functools.cache(lambda: train_features(model, cfg, splits.train, encoded, device))
+    if cfg.model.feature_norm == "auto":  # how aligned the training parts are chooses the norm (core.alignment)
+        cfg = choose_feature_norm(cfg, model, features(), tracker)
+    reference = knn_reference(cfg, model.backbone.strides, features, encoded) if cfg.eval.knn_reference else {}
     if tracker is not None and reference:  # the same features without a flow: the backbone's gap or the flow's?
         tracker.log_metrics(reference, step=0)
     optimizer, scheduler, steps_per_epoch = make_optimizer(model, cfg, len(splits.train))
@@ -247,6 +253,16 @@ def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, Train
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
                          selection_protocol=protocol.label, threshold_source=threshold_source, reference=reference)
     return run, result
+
+
+def choose_feature_norm(cfg: RunConfig, model: FastFlow, train: EncodedSplit, tracker: Optional[Tracker]) -> RunConfig:
+    """`model.feature_norm: auto` resolved from the training features; the run (and its checkpoint) goes on with it."""
+    kind, share = feature_norm_for(train.features, cfg.model.feature_pool)
+    log.info("model.feature_norm: auto -> %s (position explains %.2f of the training features' variance)", kind, share)
+    model.use_feature_norm(kind)
+    if tracker is not None:
+        tracker.set_tags({"feature_norm": kind, "alignment": f"{share:.3f}"})
+    return replace(cfg, model=replace(cfg.model, feature_norm=kind))
 
 
 def describe_run(tracker: Tracker, cfg: RunConfig, splits: Splits, tags: dict[str, str]) -> None:

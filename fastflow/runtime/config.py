@@ -64,7 +64,8 @@ class ModelConfig:
     exposure: Literal["none", "mean"] = "none"  # mean: scale each image to the training images' mean grey level
     mean: Optional[tuple[float, float, float]] = None  # None: the backbone's own (timm pretrained_cfg)
     std: Optional[tuple[float, float, float]] = None
-    feature_norm: Literal["chw", "channel"] = "chw"  # CNN features' LayerNorm: over (C,H,W), or over C per position
+    # CNN features' LayerNorm: over (C,H,W), over C per position, or auto: chosen by how aligned the training parts are
+    feature_norm: Literal["chw", "channel", "auto"] = "chw"
     feature_pool: int = 1  # each position's features averaged over its k x k neighbours before the norm (1: none)
     flow_steps: int = 8
     conv3x3_only: bool = True

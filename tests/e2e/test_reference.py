@@ -72,3 +72,28 @@ def test_reference_alone_from_the_command_line(tmp_path: Path, synthetic_root: P
     assert line.startswith("kNN on the same features on synthetic (leak-free by construction")
     assert f"image AUROC {values[PREFIX + 'image_auroc']:.3f} [" in line
     assert f"pixel AUROC {values[PREFIX + 'pixel_auroc']:.3f} [" in line
+
+
+@pytest.mark.parametrize("category, expected", [pytest.param("tire", "chw", marks=pytest.mark.slow),
+                                                ("synthetic", "channel")])
+def test_feature_norm_auto_reads_the_alignment_of_real_parts(tmp_path: Path, synthetic_root: Path, category: str,
+                                                             expected: str) -> None:
+    """Tire parts are aligned (the paper's (C,H,W) norm); the synthetic woven texture is the same everywhere (the
+    per-position norm). The run tags the choice, and its checkpoint holds it, so a predictor rebuilds the same net."""
+    import torch
+
+    from conftest import TIRE_ROOT
+    from fastflow.serve.inference import Predictor
+
+    root = TIRE_ROOT if category == "tire" else synthetic_root
+    if not (root / category).is_dir():
+        pytest.skip(f"{category} not found under {root}")
+    cfg = fast_config(tmp_path, "model.feature_norm=auto", "model.feature_pool=3", "model.feature_indices=[2,3]",
+                      f"data.category={category}", "train.epochs=1", "eval.knn_reference=false", data_root=root)
+    with restored_tracking_uri(), start_run(cfg) as tracker:
+        result = train_and_evaluate(cfg, tracker)
+    tags = MlflowClient(cfg.tracking.uri).get_run(tracker.run_id).data.tags
+    assert tags["feature_norm"] == expected == result.checkpoint["config"]["model"]["feature_norm"]
+    assert 0.0 <= float(tags["alignment"]) <= 1.0 and result.reference == {}
+    predictor = Predictor(result.checkpoint)
+    assert predictor(torch.rand(1, 3, 64, 64))[0].shape[0] == 1

@@ -68,3 +68,16 @@ def test_feature_pool_must_be_an_odd_neighbourhood() -> None:
     assert load_config(None, ["model.feature_pool=3"]).model.feature_pool == 3
     with pytest.raises(ConfigError, match="model.feature_pool=2 is invalid; expected an odd number"):
         load_config(None, ["model.feature_pool=2"])
+
+
+def test_alignment_tells_aligned_parts_from_parts_anywhere() -> None:
+    from fastflow.core.alignment import ALIGNED, alignment, feature_norm_for
+
+    generator = torch.Generator().manual_seed(0)
+    layout = torch.randn(1, 8, 6, 6, generator=generator)  # the same part at the same place in every image
+    aligned = layout + 0.3 * torch.randn(40, 8, 6, 6, generator=generator)
+    anywhere = torch.stack([torch.roll(image, shifts=(int(dy), int(dx)), dims=(1, 2)) for image, dy, dx in
+                            zip(aligned, torch.randint(0, 6, (40,), generator=generator),
+                                torch.randint(0, 6, (40,), generator=generator))])
+    assert alignment([aligned]) > 0.8 > ALIGNED > 0.2 > alignment([anywhere])
+    assert feature_norm_for([aligned])[0] == "chw" and feature_norm_for([anywhere])[0] == "channel"
