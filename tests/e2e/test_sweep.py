@@ -323,6 +323,20 @@ def test_bad_space_file_names_the_key(tmp_path: Path, content: str, key: str):
     assert str(path) in str(error.value) and key in str(error.value)
 
 
+def test_a_space_files_problems_are_all_in_one_message_and_presets_are_listed(tmp_path: Path):
+    """Failed before the fix: one problem at a time, and `'resnet19' has no file ...` without the known presets."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("preset: {type: categorical, choices: [resnet19]}\npruner: sometimes\n"
+                    "params:\n  train.lr: {type: float, low: 1.0, high: 0.1}\n")
+    with pytest.raises(ConfigError) as error:
+        load_space(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 3 problems: (1) ") and "\n" not in message
+    assert "params.train.lr" in message and "pruner='sometimes'" in message
+    known = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+    assert f"'resnet19' has no file" in message and f"(known presets: {', '.join(known)})" in message
+
+
 def test_shipped_spaces_load():
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         space = load_space(path)
