@@ -60,6 +60,7 @@ def child_runs(parent_run_id: str, experiment: str = "sweep-tests"):
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+@pytest.mark.slow  # ~60 s: two spawned workers; the other sweep tests of this file run by default
 def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     tmp = stores["tmp"]
     settings = settings_for(tmp, write_space(tmp), synthetic_root, workers=2)
@@ -396,6 +397,7 @@ def _notice_limit(stores: dict) -> float:
     return max(30.0, time.monotonic() - start + 20.0)
 
 
+@pytest.mark.slow  # ~13 s; the offline named-space test beside it covers the same check in ~6 s
 def test_offline_headline_sweep_falls_back_to_the_offline_space_in_one_line(stores, tiny_mvtec):
     """`make sweep CATEGORY=...` (no SPACE) offline: first a notice naming sweeps/offline.yaml (the issue asks for
     it within 30 s), no traceback, and the study is the offline space's."""

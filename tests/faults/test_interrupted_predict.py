@@ -37,7 +37,8 @@ def scoring_job(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) 
     return checkpoint, folder
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGINT", "SIGTERM"])
 def test_interrupted_predict_writes_what_it_scored_and_says_so(scoring_job, tmp_path: Path, signum: int):
     """Failed before the fix: exit 130 with `interrupted`, overlay PNGs and no results.csv/json (SIGTERM: killed
     outright, nothing said)."""

@@ -13,7 +13,6 @@ import random
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
@@ -23,7 +22,6 @@ from mlflow.tracking import MlflowClient
 
 from fastflow import cli
 from fastflow.runtime.faults import StoreError, store_error
-from fastflow.runtime.sqlite_store import open_sqlite
 
 from conftest import REPO, mlflow_store, write_space
 
@@ -121,34 +119,14 @@ def test_damage_found_in_use_is_one_line_with_what_to_do(tmp_path: Path):
 
 
 def test_the_store_is_named_without_its_secret(tmp_path: Path):
+    from fastflow.runtime.sqlite_store import open_sqlite
+
     path = tmp_path / "mlflow.db"
     path.write_bytes(b"")
     with pytest.raises(StoreError) as raised:
         open_sqlite(f"sqlite:///{path}?token=hunter2", "MLflow tracking store", "experiments", lambda: None)
     assert "hunter2" not in str(raised.value) and "token=***" in str(raised.value)
     assert path.read_bytes() == b""
-
-
-_OPEN_BOTH = """
-import sys
-from fastflow.study.storage import SweepSettings, make_storage
-from fastflow.tracking.store import connect
-connect(create=True).search_experiments()
-make_storage(SweepSettings(space_path="x.yaml", category="synthetic", root="data", trials=1)).get_all_studies()
-"""
-
-
-def test_processes_racing_on_fresh_stores_create_each_schema_once(tmp_path: Path):
-    """Failed before the fix (MLflow's schema migrations raced: `duplicate column name`, `no such column`, `table
-    ... already exists`): every process opens both stores, and both are complete afterwards."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "OPTUNA_STORAGE": f"sqlite:///{tmp_path / 'optuna.db'}"}
-    processes = [subprocess.Popen([sys.executable, "-c", _OPEN_BOTH], cwd=tmp_path, env=env, stderr=subprocess.PIPE,
-                                  text=True) for _ in range(2)]
-    errors = [p.communicate(timeout=300)[1] for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], "\n".join(e[-2000:] for e in errors)
-    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()  # the default experiment, once
-    assert optuna.storages.RDBStorage(env["OPTUNA_STORAGE"]).get_all_studies() == []
 
 
 @pytest.mark.slow  # two sweeps of two tiny trials each, started together (~60-90 s on a busy 2-core machine)
