@@ -69,7 +69,7 @@ def _sweep(args) -> int:
     if notice:
         print(notice, flush=True)
     from fastflow.study.storage import SweepSettings
-    from fastflow.study.summary import summary_table
+    from fastflow.study.summary import no_trial_completed, summary_table
     from fastflow.study.sweep import run_sweep
 
     space = load_space(path)
@@ -81,6 +81,9 @@ def _sweep(args) -> int:
     print(summary_table(result, category, settings.metric))
     if result.promotion is not None:
         _print_promotion(result.promotion)
+    if trials and result.best_trial is None:  # every trial failed or was pruned: never exit 0
+        print(f"error: {no_trial_completed(result)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -144,6 +147,7 @@ def _cache_clear(args) -> int:
 
 
 def _predict(args) -> int:
+    signals.install()  # SIGTERM like Ctrl-C: the images scored so far are written and counted
     from fastflow.serve.predict import predict
 
     rows = predict(args.model, args.input, Path(args.out), args.threshold, args.batch_size, args.device)
@@ -252,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True,
                          help="models:/<name>@<alias>, runs:/<run id>/model, a run id, or a checkpoint .pt")
     predict.add_argument("--input", required=True, help="an image, a folder (recursive) or a quoted glob")
-    predict.add_argument("--out", default="outputs/predict", help="folder for PNGs and results.csv/json")
+    predict.add_argument("--out", default="outputs/predict", help="folder for PNGs and results.csv/json (interrupted: the images scored so far; "
+                              "a re-run scores every image again)")
     predict.add_argument("--threshold", choices=["f1", "val_quantile"], default=None,
                          help="stored threshold to decide with (default: the one chosen at training)")
     predict.add_argument("--batch-size", type=int, default=16)
@@ -301,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(error))}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt as error:  # runs and trials were already marked KILLED/FAIL on the way out
-        return _interrupted(signals.exit_code(error))
+        return _interrupted(signals.exit_code(error), getattr(error, "account", ""))
     except Exception as error:  # a store's fault outside a run (disk full, read-only, server gone): one line
         fault = store_error(error, _stores())
         if fault is None:
@@ -323,8 +328,12 @@ def _stores() -> dict[str, str]:
     return stores
 
 
-def _interrupted(code: int) -> int:
-    print("interrupted" if code == 130 else "terminated (SIGTERM); runs and trials were closed", file=sys.stderr)
+def _interrupted(code: int, account: str = "") -> int:
+    """Say how the command ended; `account` (what was done and where it is) is the last line."""
+    closed = "" if account else "; runs and trials were closed"
+    print("interrupted" if code == 130 else f"terminated (SIGTERM){closed}", file=sys.stderr)
+    if account:
+        print(account, file=sys.stderr)
     return code
 
 

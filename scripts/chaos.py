@@ -1,8 +1,10 @@
 """`make chaos`: kill `fastflow train` / `fastflow sweep` (1 and 2 workers) / racing `fastflow promote` with
 SIGINT, SIGTERM or SIGKILL at a random point, re-run once, and check the invariants of fastflow.invariants
-through the MLflow and Optuna APIs. Two store faults besides: a tracking-server outage (`mlflow server` stopped
-for 60 s after a training's first epoch, then started again) and a full disk (the store on a tmpfs with a random
-few MB free, then grown and the training run again). Everything lives in a temp folder; the stores' URIs carry a
+through the MLflow and Optuna APIs. Store faults besides: a tracking-server outage (`mlflow server` stopped
+for 60 s after a training's first epoch, then started again), a full disk (the store on a tmpfs with a random
+few MB free, then grown and the training run again), a damaged store (a copy of the MLflow store or the Optuna
+storage truncated, overwritten, garbled in places, emptied or replaced by another SQLite file, then opened by a
+random command) and racing first sweeps (2-3 sweeps started together on stores that do not exist yet). Everything lives in a temp folder; the stores' URIs carry a
 password that must never appear in the stores (any table), an artifact or a log.
 
     python scripts/chaos.py [--minutes 15] [--seed 0] [--keep]
@@ -34,7 +36,8 @@ from fault_env import MlflowServer, run_on_small_disk, small_disk_available  # n
 SECRET = "chaos-s3cret"
 SIGNALS = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM, "SIGKILL": signal.SIGKILL}
 TARGETS = ("train", "sweep-1-worker", "sweep-2-workers", "promote-race")
-FAULTS = ("server-outage", "disk-full")  # store faults, injected into a training
+FAULTS = ("server-outage", "disk-full", "damaged-store", "racing-first-sweeps")  # store faults and first-run races
+DAMAGES = ("truncated", "random bytes", "garbled pages", "0 bytes", "foreign sqlite")
 OUTAGE_SECONDS = 60
 SPACE = """
 category: synthetic
@@ -87,11 +90,11 @@ class Chaos:
         return cli + ["sweep", "--space", str(self.space), "--category", "synthetic", "--root", str(self.data),
                       "--trials", str(workers), "--workers", str(workers), "--study", "chaos"]
 
-    def start(self, command: list[str], name: str) -> subprocess.Popen:
+    def start(self, command: list[str], name: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
         self.count += 1
         log = open(self.logs / f"{self.count:03d}-{name}.log", "w")
-        return subprocess.Popen(command, env=self.env, cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        return subprocess.Popen(command, env=env or self.env, cwd=cwd or self.folder, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
     @staticmethod
     def children(pid: int) -> list[int]:
@@ -264,9 +267,122 @@ class Chaos:
         status = runs[0].info.status if runs else "none"
         return f"{free_kb} KB free, exit {code} (first run {status}), re-run exit {rerun}", problems
 
+    def damaged_store(self) -> tuple[str, list[str]]:
+        """A copy of a store, damaged on disk, opened by a command. Held: exit 0 (damage SQLite never reads), or
+        exit 2 with one error line naming the store, no traceback and no secret; a store refused before use is
+        left byte for byte as it was."""
+        self.disk_rounds += 1
+        folder = self.folder / f"damaged-{self.disk_rounds}"
+        folder.mkdir()
+        kind = self.random.choice(("MLflow tracking store", "Optuna storage"))
+        name = "mlflow.db" if kind.startswith("MLflow") else "optuna.db"
+        source = self.folder / name
+        if source.is_file() and source.stat().st_size:  # the chaos store as the rounds left it
+            shutil.copyfile(source, folder / name)
+        else:
+            self.make_store(folder, name)
+        if kind.startswith("Optuna"):
+            self.make_store(folder, "mlflow.db")
+        damage = self.random.choice(DAMAGES)
+        self.damage(folder / name, damage)
+        before = (folder / name).read_bytes()
+        env = {**self.env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}?password={SECRET}",
+               "OPTUNA_STORAGE": f"sqlite:///{folder / 'optuna.db'}?password={SECRET}"}
+        commands = {"promote": ["promote", "--category", "synthetic"], "report": ["report", "--out", str(folder)],
+                    "sweep": ["sweep", "--space", str(self.space), "--root", str(self.data), "--trials", "1",
+                              "--study", "damaged"]}
+        command = self.random.choice(list(commands) if kind.startswith("MLflow") else ["sweep"])
+        log = self.logs / f"{self.count + 1:03d}-damaged-{command}.log"
+        self.count += 1
+        with open(log, "w") as handle:
+            code = subprocess.run([sys.executable, "-m", "fastflow.cli", *commands[command]], env=env, cwd=folder,
+                                  stdout=handle, stderr=subprocess.STDOUT, timeout=900).returncode
+        text = log.read_text()
+        if damage == "garbled pages":  # maybe never read: success, or any failure in one line
+            problems = self.one_line_problems(code, text, "error:")
+        else:  # always found before use: refused in one line naming the store, left as it was
+            problems = self.one_line_problems(code, text, kind) if code == 2 else [f"exit {code}, expected 2"]
+            if (folder / name).read_bytes() != before:
+                problems.append(f"the refused {name} was changed")
+        if SECRET in text:
+            problems.append("the store's password was printed")
+        return f"{damage} {name}, {command} exit {code}", problems
+
+    def make_store(self, folder: Path, name: str) -> None:
+        """A real store with something in it: MLflow's schema and an experiment, or a study with trials."""
+        if name == "mlflow.db":
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(f"sqlite:///{folder / name}").create_experiment("fastflow")
+        else:
+            import optuna
+
+            study = optuna.create_study(storage=f"sqlite:///{folder / name}", study_name="kept")
+            study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+
+    def damage(self, path: Path, damage: str) -> None:
+        data = path.read_bytes()
+        if damage == "truncated":
+            path.write_bytes(data[:int(len(data) * self.random.uniform(0.1, 0.9))])
+        elif damage == "random bytes":
+            path.write_bytes(self.random.randbytes(len(data)))
+        elif damage == "garbled pages":  # a few KB past the header: SQLite may or may not ever read them
+            start = self.random.randint(4096, max(4096, len(data) - 8192))
+            path.write_bytes(data[:start] + self.random.randbytes(4096) + data[start + 4096:])
+        elif damage == "0 bytes":
+            path.write_bytes(b"")
+        else:
+            import sqlite3
+
+            path.unlink()
+            with sqlite3.connect(path) as connection:
+                connection.execute("CREATE TABLE notes (text TEXT)")
+
+    def racing_first_sweeps(self) -> tuple[str, list[str]]:
+        """2-3 `fastflow sweep --trials 1` started together on an MLflow store and an Optuna storage that do not
+        exist yet. Held: every sweep exits 0, each asked trial ran (COMPLETE or PRUNED), one parent run, and the
+        invariants of both stores."""
+        self.disk_rounds += 1
+        folder = self.folder / f"race-{self.disk_rounds}"
+        folder.mkdir()
+        racers = self.random.randint(2, 3)
+        env = {**self.env, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}?password={SECRET}",
+               "OPTUNA_STORAGE": f"sqlite:///{folder / 'optuna.db'}?password={SECRET}"}
+        command = [sys.executable, "-m", "fastflow.cli", "sweep", "--space", str(self.space), "--root", str(self.data),
+                   "--trials", "1", "--study", "race"]
+        processes = [self.start(command, "race", env, folder) for _ in range(racers)]
+        codes = [self.wait_group(p, 900) for p in processes]
+        problems = [f"a racing sweep exited {code}" for code in codes if code != 0]
+        import optuna
+
+        trials = optuna.load_study(study_name="race", storage=f"sqlite:///{folder / 'optuna.db'}").trials
+        states = sorted(t.state.name for t in trials)
+        if len(trials) != racers or any(state not in ("COMPLETE", "PRUNED") for state in states):
+            problems.append(f"{racers} trials asked, the study holds {states}")
+        problems += self.check_stores(folder)
+        return f"{racers} sweeps on fresh stores, exits {codes}, trials {states}", problems
+
+    def check_stores(self, folder: Path) -> list[str]:
+        """The invariants of the MLflow store and Optuna storage in `folder`, plus one parent run per study."""
+        from fastflow.tracking.invariants import check_all
+        from fastflow.tracking.store import connect
+
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}?password={SECRET}"
+        client = connect(reap=False)
+        problems = check_all(f"sqlite:///{folder / 'optuna.db'}", [SECRET], [folder / "artifacts", self.logs],
+                             [folder / "mlflow.db", folder / "optuna.db"])
+        experiment = client.get_experiment_by_name("fastflow")
+        parents = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+                   and r.data.tags.get("study")] if experiment else []
+        return problems + ([] if len(parents) == 1 else [f"{len(parents)} parent runs for one study"])
+
     def round(self, target: str, name: str) -> tuple[str, list[str]]:
         if target == "server-outage":
             return self.server_outage()
+        if target == "damaged-store":
+            return self.damaged_store()
+        if target == "racing-first-sweeps":
+            return self.racing_first_sweeps()
         if target == "disk-full":
             return self.disk_full()
         if target == "promote-race":

@@ -53,11 +53,11 @@ def version_description(run_name: str, tags: Mapping[str, str], metrics: Mapping
     """
     protocol = protocol_for_metric(metric)
     kind = tags.get("threshold_kind", "")
-    run = f"[{run_name}]({run_link})" if run_link else f"`{run_name}`"
-    lines = [
-        f"**{tags.get('category', '?')}** model from run {run}"
-        + (f" (study `{tags['study']}`, trial {tags['trial_number']})" if "trial_number" in tags else ""),
+    lines = [  # the first line is plain text: MLflow's versions table shows it as it is
+        f"{tags.get('category', '?')} model from run {run_name}"
+        + (f" (study {tags['study']}, trial {tags['trial_number']})" if "trial_number" in tags else ""),
         "",
+        f"- run: [{run_name}]({run_link})" if run_link else f"- run: `{run_name}`",
         f"- data: category `{tags.get('category', '?')}`, content hash `{tags.get('data_hash', '?')}`, "
         f"root `{tags.get('data_root', '?')}`; held-out normals: {tags.get('validation_source', 'none recorded')}",
         f"- backbone: `{tags.get('backbone', '?')}`",

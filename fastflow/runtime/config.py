@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from fastflow.runtime.preflight import device_problem, input_size_problem
+from fastflow.runtime.preflight import category_problem, device_problem, input_size_problem
 from fastflow.runtime.redact import redact_values
 
 
@@ -178,6 +178,7 @@ def _check_values(cfg: RunConfig) -> None:
     size_problem = input_size_problem(cfg.model.backbone, cfg.model.feature_indices, cfg.model.input_size)
     checks.append(("model.input_size", size_problem is None, size_problem))
     checks.append(("train.device", device_problem(cfg.train.device) is None, device_problem(cfg.train.device)))
+    checks.append(("data.category", category_problem(cfg.data.category) is None, category_problem(cfg.data.category)))
     for key, ok, allowed in checks:
         if not ok:
             section, name = key.split(".")

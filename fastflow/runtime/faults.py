@@ -46,11 +46,33 @@ _FAULTS = {
                   (errno.EROFS, errno.EACCES, errno.EPERM), "make it writable, or point {variable} at a writable store"),
     "cannot be opened": (("unable to open database file",), (),
                          "check that its folder exists and is writable, or point {variable} elsewhere"),
+    "damaged": (("database disk image is malformed", "file is not a database", "malformed database schema"), (),
+                "{recover}"),
     "unreachable": (("max retries exceeded", "connection refused", "failed to establish a new connection",
                      "name or service not known", "read timed out", "connection aborted", "remote end closed"), (),
                     "start the server (or fix the URI, {variable}) and re-run"),
 }
 _VARIABLES = {"MLflow tracking store": "MLFLOW_TRACKING_URI", "Optuna storage": "OPTUNA_STORAGE"}
+_RECOVER = ("left as it is; restore it from a backup, or recover what it holds with `sqlite3 {file} \".recover\" | "
+            "sqlite3 {new}` and point {variable} at sqlite:///{new}, or point {variable} at another store")
+
+
+def _recover_advice(uri: str, variable: str) -> str:
+    """What to do about a damaged SQLite store at `uri`: restore, `.recover` into a new file, or another store."""
+    file = uri.removeprefix("sqlite:///").split("?")[0] if uri.startswith("sqlite:///") else "FILE"
+    stem, dot, suffix = file.rpartition(".")
+    new = f"{stem}-recovered.{suffix}" if dot and "/" not in suffix else f"{file}-recovered"
+    return _RECOVER.format(file=redact(file), new=redact(new), variable=variable)
+
+
+def damaged_store(kind: str, uri: str, problem: str, recoverable: bool = True) -> StoreError:
+    """One line for a store file refused before use (`sqlite_store`): the store (URI redacted), what is wrong and
+    what to do. `recoverable`: a damaged store (recover it); else a file that never was one (empty, foreign)."""
+    variable = _VARIABLES.get(kind, "MLFLOW_TRACKING_URI / OPTUNA_STORAGE")
+    advice = (_recover_advice(uri, variable) if recoverable else
+              f"left as it is; restore the store from a backup, remove the file if no store was meant to be there, "
+              f"or point {variable} at another store")
+    return StoreError(f"{kind} {redact(uri)}: {problem}; {advice}")
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -73,7 +95,8 @@ def _store_of(chain: list[BaseException]) -> str:
 
 
 def fault_of(error: BaseException) -> str:
-    """The store fault behind `error` ('disk full', 'read-only', 'cannot be opened', 'unreachable') or ''."""
+    """The store fault behind `error` ('disk full', 'read-only', 'cannot be opened', 'damaged', 'unreachable')
+    or ''."""
     for link in _chain(error):
         text = str(link).lower()
         for fault, (phrases, numbers, _) in _FAULTS.items():
@@ -98,7 +121,9 @@ def store_error(error: BaseException, stores: dict[str, str]) -> Optional[StoreE
     else:
         where = " / ".join(f"{name} {redact(uri)}" for name, uri in stores.items()) or "a store"
     detail = redact(describe(chain[-1]))  # each part on its own: a masked query value would swallow a ':' after it
-    advice = _FAULTS[fault][2].format(variable=_VARIABLES.get(kind, "MLFLOW_TRACKING_URI / OPTUNA_STORAGE"))
+    variable = _VARIABLES.get(kind, "MLFLOW_TRACKING_URI / OPTUNA_STORAGE")
+    recover = _recover_advice(stores.get(kind, ""), variable)
+    advice = _FAULTS[fault][2].format(variable=variable, recover=recover)
     return StoreError(f"{where}: {fault} ({detail}); {advice}")
 
 
@@ -116,4 +141,4 @@ def guard(stores: dict[str, str]) -> Iterator[None]:
         raise fault from None
 
 
-__all__ = ["first_sentence", "describe", "StoreError", "fault_of", "store_error", "guard"]
+__all__ = ["first_sentence", "describe", "StoreError", "fault_of", "store_error", "guard", "damaged_store"]

@@ -1,5 +1,5 @@
-"""What can be checked about a configuration before torch/timm are imported: backbone strides, device names, a
-GPU driver's presence.
+"""What can be checked about a configuration before torch/timm are imported: backbone strides, device names, the
+category folder's name, a GPU driver's presence.
 
 Pure rules, no imports of heavy libraries: a wrong value fails in milliseconds with the key named,
 instead of half a minute later inside a LayerNorm or torch's device parser.
@@ -46,6 +46,14 @@ def device_problem(device: str) -> Optional[str]:
     return None if DEVICE.match(device) else "auto, cpu, cuda, cuda:N or mps"
 
 
+def category_problem(category: str) -> Optional[str]:
+    """What `data.category` must be when it is not one folder directly inside `data.root`, or None: a path
+    (`../outside/tirex`, `a/b`, an absolute one) would read a folder outside the data root."""
+    if category in ("", ".", "..") or "/" in category or "\\" in category or "\0" in category:
+        return "the name of one folder directly inside data.root (no '/' or '\\'; not '.' or '..')"
+    return None
+
+
 _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/proc/driver/nvidia/version", "/dev/kfd", "/dev/dxg")  # NVIDIA, ROCm, WSL
 
 
@@ -58,4 +66,4 @@ def missing_gpu(device: str) -> Optional[str]:
             "absent); use auto or cpu")
 
 
-__all__ = ["max_stride", "input_size_problem", "device_problem", "missing_gpu"]
+__all__ = ["max_stride", "input_size_problem", "device_problem", "category_problem", "missing_gpu"]

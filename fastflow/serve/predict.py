@@ -9,6 +9,10 @@ model-resolution pixel it comes from does (nearest neighbour). With `model.image
 score is the map's maximum, so an image is flagged exactly when its mask is non-empty (for images at
 least as large as the model input); with `topk` a normal image may still show a few mask pixels.
 The map is the one the image score reads: with `model.score_norm=position` the held-out-standardised map.
+
+Interrupted (Ctrl-C, SIGTERM): the images scored so far are written to results.csv/json (`interrupted: true`,
+with how many of how many), and the CLI's last line says so. A re-run starts clean: it scores every image
+again and replaces the results (simple and never mixes two models' or thresholds' rows).
 """
 
 from __future__ import annotations
@@ -163,11 +167,13 @@ def _load_batch(paths: list[Path]) -> list[tuple[int, Image.Image]]:
     return loaded
 
 
-def predict_paths(predictor: Predictor, paths: list[Path], out: Path, batch_size: int = 16) -> list[PredictionRow]:
-    """Score `paths` in batches (unreadable images are skipped with a warning); write PNGs into `out`."""
+def predict_paths(predictor: Predictor, paths: list[Path], out: Path, batch_size: int = 16,
+                  rows: Optional[list[PredictionRow]] = None) -> list[PredictionRow]:
+    """Score `paths` in batches (unreadable images are skipped with a warning); write PNGs into `out`. Rows are
+    appended to `rows` (a new list by default) as each image is done, so an interruption keeps them."""
     out.mkdir(parents=True, exist_ok=True)
     names = output_names(paths)
-    rows = []
+    rows = [] if rows is None else rows
     with tqdm(total=len(paths), desc="predict", unit="img") as progress:
         for start in range(0, len(paths), batch_size):
             batch = paths[start:start + batch_size]
@@ -186,19 +192,25 @@ def predict_paths(predictor: Predictor, paths: list[Path], out: Path, batch_size
 
 
 def write_results(rows: list[PredictionRow], out: Path, predictor: Predictor, model: str, source: str,
-                  skipped: list[str]) -> None:
-    """`results.csv` (one row per image) and `results.json` (settings + rows + skipped files)."""
-    with open(out / "results.csv", "w", newline="") as handle:
+                  skipped: list[str], total: Optional[int] = None) -> None:
+    """`results.csv` (one row per image) and `results.json` (settings + rows + skipped files), each replaced
+    whole (written aside, then renamed). `total`: the images there were to score when interrupted before the
+    end (`interrupted: true` in results.json)."""
+    partial = out / "results.csv.partial"
+    with open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(PredictionRow.__dataclass_fields__))
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
+    os.replace(partial, out / "results.csv")
     summary = {"model": model, "input": source, "input_size": predictor.cfg.model.input_size,
                "anomaly_map": predictor.cfg.model.anomaly_map, "image_score": predictor.cfg.model.image_score,
                "threshold_kind": predictor.threshold_kind, "threshold": predictor.threshold,
                "thresholds": {k: float(v) for k, v in predictor.thresholds.items()},
                "score_range": list(predictor.score_range), "mask_rule": MASK_RULE,
+               "interrupted": total is not None, "images_to_score": len(rows) if total is None else total,
                "images": [asdict(row) for row in rows], "skipped": skipped}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.json.partial").write_text(json.dumps(summary, indent=1))
+    os.replace(out / "results.json.partial", out / "results.json")
 
 
 def predict(model: str, source: str, out: Path, threshold: Optional[str] = None, batch_size: int = 16,
@@ -213,7 +225,14 @@ def predict(model: str, source: str, out: Path, threshold: Optional[str] = None,
     paths, others = list_inputs(source, exclude=out)
     predictor = load_predictor(model, device)
     select_threshold(predictor, threshold)
-    rows = predict_paths(predictor, paths, out, batch_size)
+    rows: list[PredictionRow] = []
+    try:
+        predict_paths(predictor, paths, out, batch_size, rows)
+    except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM: keep and say what was done
+        write_results(rows, out, predictor, model, source, [str(p) for p in others], total=len(paths))
+        error.account = (f"{len(rows)} of {len(paths)} images scored before the interruption; their results are in "
+                         f"{out / 'results.csv'} and results.json; a re-run scores every image again")
+        raise
     scored = {row.image for row in rows}
     skipped = [str(p) for p in paths if str(p) not in scored] + [str(p) for p in others]
     if not rows:

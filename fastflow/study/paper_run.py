@@ -129,8 +129,10 @@ def _trials(sweep) -> list:
     """The study's trials so far, without creating it (run_sweep must create it, with its parent run)."""
     import optuna
 
+    from fastflow.study.storage import make_storage
+
     try:
-        return optuna.load_study(study_name=sweep.resolved_study_name(), storage=sweep.storage_url()).trials
+        return optuna.load_study(study_name=sweep.resolved_study_name(), storage=make_storage(sweep)).trials
     except KeyError:
         return []
 

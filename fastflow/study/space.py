@@ -15,7 +15,7 @@ pruner: median                 # median | hyperband | none
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -161,50 +161,72 @@ def _presets_dir(space_path: Path, configured: str) -> Path:
 
 
 def load_space(path: Path) -> SearchSpace:
-    """Read and validate a search space; every sampled key must be a real config key with a valid value."""
+    """Read and validate a search space; every sampled key must be a real config key with a valid value. Every
+    problem of the file is reported in one `ConfigError` (`path: 3 problems: ...; ...; ...`)."""
     path = Path(path)
     raw = read_yaml(path)
-    try:
-        unknown = set(raw) - TOP_KEYS
-        if unknown:
-            raise ConfigError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
-        params = {}
-        if "preset" in raw:
-            params["preset"] = _distribution(raw["preset"], "preset")
-        for key, spec in (raw.get("params") or {}).items():
-            if key.count(".") != 1:
-                raise ConfigError(f"params.{key}: expected a config key like train.lr")
-            params[key] = _distribution(spec, f"params.{key}")
-        fixed = raw.get("fixed") or {}
-        if not isinstance(fixed, dict) or any(str(key).count(".") != 1 for key in fixed):
-            raise ConfigError("fixed: expected a mapping of config keys like train.epochs to values")
-        pruner = raw.get("pruner", "median")
-        if pruner not in PRUNERS:
-            raise ConfigError(f"pruner={pruner!r}; choose one of {', '.join(PRUNERS)}")
-        trials = raw.get("trials", 10)
-        if not isinstance(trials, int) or trials < 1:
-            raise ConfigError(f"trials={trials!r}; expected a positive integer")
-        space = SearchSpace(path, params, fixed, str(raw.get("category", "synthetic")), trials, pruner,
-                            _presets_dir(path, raw.get("presets_dir", "experiments")))
-        _check_values(space)
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}") from None
+    problems: list[str] = []
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        problems.append(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    params = {}
+    specs = {"preset": raw["preset"]} if "preset" in raw else {}
+    specs.update({f"params.{key}": spec for key, spec in (raw.get("params") or {}).items()})
+    for where, spec in specs.items():
+        key = where.removeprefix("params.")
+        if where != "preset" and key.count(".") != 1:
+            problems.append(f"{where}: expected a config key like train.lr")
+            continue
+        params[key] = _collect(problems, _distribution, spec, where)
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict) or any(str(key).count(".") != 1 for key in fixed):
+        problems.append("fixed: expected a mapping of config keys like train.epochs to values")
+        fixed = {}
+    pruner = raw.get("pruner", "median")
+    if pruner not in PRUNERS:
+        problems.append(f"pruner={pruner!r}; choose one of {', '.join(PRUNERS)}")
+    trials = raw.get("trials", 10)
+    if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+        problems.append(f"trials={trials!r}; expected a positive integer")
+    space = SearchSpace(path, {k: v for k, v in params.items() if v is not None}, fixed,
+                        str(raw.get("category", "synthetic")), trials, pruner,
+                        _presets_dir(path, raw.get("presets_dir", "experiments")))
+    problems += _value_problems(space)
+    if problems:
+        listed = problems[0] if len(problems) == 1 else f"{len(problems)} problems: " + " ".join(
+            f"({number}) {problem}" for number, problem in enumerate(problems, start=1))
+        raise ConfigError(f"{path}: {listed}")
     return space
 
 
-def _check_values(space: SearchSpace) -> None:
-    """Every preset exists and every sampled/fixed value forms a valid config (checked at the extremes)."""
+def _collect(problems: list[str], make, *args) -> Any:
+    """`make(*args)`, or None with its `ConfigError` added to `problems`."""
+    try:
+        return make(*args)
+    except ConfigError as error:
+        problems.append(str(error))
+        return None
+
+
+def known_presets(presets_dir: Path) -> list[str]:
+    return sorted(path.stem for path in Path(presets_dir).glob("*.yaml"))
+
+
+def _value_problems(space: SearchSpace) -> list[str]:
+    """Missing presets, invalid fixed values, and sampled values that do not form a valid config with the fixed
+    ones (checked at the extremes; without the fixed ones when those are invalid themselves)."""
     presets = space.params["preset"].choices if "preset" in space.params else (None,)
-    for preset in presets:
-        if preset is not None and not (space.presets_dir / f"{preset}.yaml").is_file():
-            raise ConfigError(f"preset: '{preset}' has no file {space.presets_dir / (str(preset) + '.yaml')}")
+    missing = [p for p in presets if p is not None and not (space.presets_dir / f"{p}.yaml").is_file()]
+    problems = [f"preset: '{p}' has no file {space.presets_dir / (str(p) + '.yaml')} (known presets: "
+                f"{', '.join(known_presets(space.presets_dir)) or 'none'})" for p in missing]
+    if _collect(problems, config_from_dict, nested(space.fixed), "fixed") is None:
+        space = replace(space, fixed={})
+    preset = next((p for p in presets if p not in missing), None)
     for key, dist in space.params.items():
-        if key == "preset":
-            continue
-        values = dist.choices if dist.kind == "categorical" else (dist.low, dist.high)
-        for value in values:
+        for value in (() if key == "preset" else dist.choices if dist.kind == "categorical" else (dist.low, dist.high)):
             try:
-                space.trial_config({key: value, "preset": presets[0]} if presets[0] else {key: value}, "x", "x")
+                space.trial_config({key: value, **({"preset": preset} if preset else {})}, "x", "x")
             except ConfigError as error:
-                raise ConfigError(f"params.{key}: value {value!r} is invalid ({error})") from None
-    config_from_dict(nested({**space.fixed}), "fixed")
+                problems.append(f"params.{key}: value {value!r} is invalid ({error})")
+                break
+    return problems

@@ -18,12 +18,15 @@ from optuna.trial import TrialState
 
 from fastflow.engine.protocol import LEAK_FREE, OBJECTIVES, Protocol, protocol_for_objective
 from fastflow.runtime.redact import redact
+from fastflow.runtime.sqlite_store import open_sqlite
 from fastflow.study.recovery import EXPERIMENT_ATTR, PARENT_ATTR, mark_stale_run_failed
 from fastflow.study.space import SearchSpace
 from fastflow.tracking.runs import find_parent_run, log_new_params, start_parent_run
 
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 OBJECTIVE_ATTR = "objective"
+STORAGE = "Optuna storage"  # how errors name it (faults.py)
+SCHEMA_TABLE = "studies"  # a table every Optuna storage has: a database without it is not one
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 30
 
@@ -80,8 +83,12 @@ def _inferred_objective(study: optuna.Study) -> Optional[str]:
 
 
 def make_storage(settings: SweepSettings) -> RDBStorage:
-    return RDBStorage(settings.storage_url(), heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
-                      heartbeat_stale_trial_callback=mark_stale_run_failed)
+    """The study's storage; a sqlite file is checked first and its schema created once among racing processes
+    (`sqlite_store.open_sqlite`): a damaged, empty or foreign file is one `StoreError` line, left as it is."""
+    url = settings.storage_url()
+    return open_sqlite(url, STORAGE, SCHEMA_TABLE, lambda: RDBStorage(
+        url, heartbeat_interval=settings.heartbeat, grace_period=settings.grace,
+        heartbeat_stale_trial_callback=mark_stale_run_failed))
 
 
 def make_pruner(name: str) -> optuna.pruners.BasePruner:

@@ -33,6 +33,7 @@ from fastflow.study.space import SearchSpace, choose_space, load_space, nested
 from fastflow.study.storage import SweepSettings, load_study, parent_run
 from fastflow.study.summary import (SweepResult, best_trial, best_trial_metrics, describe_runs, state_counts, study_figures,
                                     study_page, study_rows, trial_fidelity)
+from fastflow.tracking.names import check_names
 from fastflow.tracking.registry import promote
 from fastflow.tracking.runs import finish_parent_run, record_lost_run, set_owner, start_run
 from fastflow.tracking.store import ensure_experiment, tracking_uri
@@ -122,6 +123,7 @@ class WorkerDiedError(RuntimeError):
 
 def run_sweep(settings: SweepSettings) -> SweepResult:
     """Prepare storage/experiment/study/parent run, run the workers, summarize on the parent run."""
+    check_names(settings.category, settings.experiment)  # a name MLflow refuses fails here, not in every trial
     choose_space(settings.space_path, settings.category)  # weights that cannot be loaded stop it before any trial
     space = load_space(settings.space_path)
     ensure_experiment(settings.experiment, tracking_uri())
@@ -144,13 +146,14 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
         close_orphaned_trials(study, settings.metric)
         optuna.storages.fail_stale_trials(study)
         status = "FAILED" if dead and status == "FINISHED" else status
-        study_fidelity = trial_fidelity(study, settings.protocol)
-        rows = study_rows(study, settings.protocol, parent_run_id)
-        _finish_parent_if_idle(study, settings, parent_run_id, status, study_fidelity, rows)
+        trials = study.get_trials()  # one snapshot: racing workers finish trials meanwhile; counts must agree
+        study_fidelity = trial_fidelity(trials, settings.protocol)
+        rows = study_rows(trials, settings.protocol, parent_run_id)
+        _finish_parent_if_idle(study, trials, settings, parent_run_id, status, study_fidelity, rows)
     if dead:
-        raise WorkerDiedError(_death_message(dead, study.trials))
-    result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(study, settings.protocol),
-                         state_counts(study), fidelity=study_fidelity, rows=rows)
+        raise WorkerDiedError(_death_message(dead, trials))
+    result = SweepResult(settings.resolved_study_name(), parent_run_id, best_trial(trials, settings.protocol),
+                         state_counts(trials), fidelity=study_fidelity, rows=rows)
     if settings.promote and result.best_trial is not None:
         result.promotion = promote(settings.category, settings.metric, settings.experiment,
                                    run_id=result.best_trial.user_attrs["mlflow_run_id"])
@@ -158,11 +161,12 @@ def run_sweep(settings: SweepSettings) -> SweepResult:
     return result
 
 
-def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_run_id: str, status: str,
-                           study_fidelity: Optional[Fidelity], rows: list[TrialRow]) -> None:
+def _finish_parent_if_idle(study: optuna.Study, trials: list[FrozenTrial], settings: SweepSettings,
+                           parent_run_id: str, status: str, study_fidelity: Optional[Fidelity],
+                           rows: list[TrialRow]) -> None:
     """Attach figures, study page and best metrics and end the parent run, unless a trial still runs
     (another machine's worker ends it when it finishes); describe the parent and trial runs either way."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:
         log.warning("parent run %s stays RUNNING: trials %s still run elsewhere", parent_run_id,
                     ", ".join(f"#{t.number}" for t in running))
@@ -173,11 +177,11 @@ def _finish_parent_if_idle(study: optuna.Study, settings: SweepSettings, parent_
         return
     figures = study_figures(study, settings.protocol)
     try:
-        page = study_page(study, settings, figures, rows)
+        page = study_page(study, trials, settings, figures, rows)
     except Exception as error:  # the page is a view: never leave the parent run RUNNING over it
         log.warning("no study page: %s: %s", type(error).__name__, error)
         page = ""
-    metrics = {**best_trial_metrics(study, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
+    metrics = {**best_trial_metrics(trials, settings.protocol), **(study_fidelity.metrics() if study_fidelity else {})}
     finish_parent_run(parent_run_id, figures, metrics, status, page)
     describe_runs(settings, parent_run_id, rows, None, study_fidelity)
 

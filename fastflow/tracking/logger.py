@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 import tempfile
 import time
 import warnings
@@ -26,6 +25,7 @@ from fastflow.engine.protocol import resolve_selection
 from fastflow.pages.visualize import close_figure, curves_figure, labelled_heatmap_grid
 from fastflow.runtime.config import RunConfig, dump_yaml
 from fastflow.runtime.redact import redact
+from fastflow.tracking.names import logged_model_name
 
 log = logging.getLogger(__name__)
 HEATMAP_KEY = "heatmaps"  # image key: step k = epoch k, step 0 = the best epoch (the UI's slider opens on step 0)
@@ -139,11 +139,6 @@ def model_signature() -> ModelSignature:
     """uint8 RGB images `(N,H,W,3)` in; the four arrays `FastFlowPyfunc.predict` returns out."""
     outputs = Schema([TensorSpec(np.dtype(dtype), shape, name) for name, dtype, shape in MODEL_OUTPUTS])
     return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]), outputs=outputs)
-
-
-def logged_model_name(category: str, run_name: str) -> str:
-    """`<category>-<run name>` (e.g. `synthetic-trial-003`), in the characters MLflow allows in a model name."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{category}-{run_name}").strip("-") or "model"
 
 
 PACKAGE = Path(__file__).resolve().parents[1]  # the `fastflow` package, logged with the model (`code_paths`)

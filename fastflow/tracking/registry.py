@@ -25,15 +25,12 @@ from mlflow.tracking import MlflowClient
 from fastflow.engine.protocol import Protocol, RANKED_METRICS, protocol_for_metric, ranking_key
 from fastflow.pages.model_card import registered_model_description, run_link, version_description
 from fastflow.runtime.redact import redact
+from fastflow.tracking.names import model_name
 from fastflow.tracking.store import connect, ensure_experiment, quoted, tracking_uri
 
 log = logging.getLogger(__name__)
 CHAMPION = "champion"
 FLOOR_TAG = "champion_floor"  # registered-model tag: versions below it no longer compete for @champion
-
-
-def model_name(category: str) -> str:
-    return f"fastflow-{category}"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from fastflow.runtime.redact import redact
 from fastflow.runtime.signals import Interrupted, received as received_signal
 from fastflow.tracking.lineage import lineage_tags
 from fastflow.tracking.logger import TEST_SCORES, MlflowTracker, log_pixel_counts
+from fastflow.tracking.names import check_names
 from fastflow.tracking.owners import OWNER_TAG, owner_tags
 from fastflow.tracking.store import STORE, connect, ensure_experiment, quoted, store_guard, tracking_uri
 
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 @contextlib.contextmanager
 def start_run(cfg: RunConfig, run_name: str = "", parent_run_id: Optional[str] = None,
               tags: Optional[dict] = None) -> Iterator[MlflowTracker]:
-    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C). A fault of the store
+    """An MLflow run that always ends: FINISHED, FAILED (error tagged) or KILLED (Ctrl-C). Names MLflow would refuse
+    stop it before the run exists (`names.check_names`). A fault of the store
     (disk full, read-only, server unreachable) is one `StoreError` line naming it; a run the fault leaves RUNNING
     is closed by the next command on this host (owners)."""
+    check_names(cfg.data.category, cfg.tracking.experiment, run_name or cfg.tracking.run_name)
     uri = tracking_uri(cfg.tracking.uri)
     with store_guard(uri):
         experiment_id = ensure_experiment(cfg.tracking.experiment, uri)

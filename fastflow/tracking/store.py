@@ -15,10 +15,12 @@ from mlflow.tracking import MlflowClient
 
 from fastflow.runtime.faults import StoreError, describe, guard, store_error
 from fastflow.runtime.redact import redact
+from fastflow.runtime.sqlite_store import open_sqlite
 from fastflow.tracking.owners import close_dead_runs
 
 LOCAL_STORE = Path("mlruns")
 STORE = "MLflow tracking store"  # how errors name it (faults.py)
+SCHEMA_TABLE = "experiments"  # a table every MLflow store has: a database without it is not one
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
@@ -43,7 +45,7 @@ def connect(configured: str = "", create: bool = False, reap: bool = True) -> Ml
     without a URI set it opens a stray ./mlflow.db. `reap`: first close the runs of this host's dead processes
     (owners.close_dead_runs); checks of the stores pass False, to see them as they are."""
     uri = tracking_uri(configured, create)
-    check_reachable(uri)
+    open_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     if reap:
@@ -52,6 +54,19 @@ def connect(configured: str = "", create: bool = False, reap: bool = True) -> Ml
 
 
 _REACHED: set[str] = set()
+
+
+def open_store(uri: str) -> None:
+    """First contact with the store at `uri` (once per process): a tracking server must answer
+    (`check_reachable`); a sqlite store is checked before use and created once among racing processes
+    (`sqlite_store.open_sqlite`): a damaged, empty or foreign file is one `StoreError` line, left as it is."""
+    if uri in _REACHED:
+        return
+    if uri.startswith(("http://", "https://")):
+        check_reachable(uri)
+        return
+    open_sqlite(uri, STORE, SCHEMA_TABLE, lambda: MlflowClient(uri).search_experiments(max_results=1))
+    _REACHED.add(uri)
 
 
 def check_reachable(uri: str, seconds: float = 10.0) -> None:
@@ -82,7 +97,7 @@ def quoted(value: str) -> str:
 def ensure_experiment(name: str, uri: str) -> str:
     """Create (once) or fetch the experiment; tags it so MLflow 3's UI opens on the runs table. Closes the runs of
     this host's dead processes first (every command that writes runs passes here)."""
-    check_reachable(uri)
+    open_store(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     close_dead_runs(client)

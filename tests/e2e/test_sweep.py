@@ -60,6 +60,7 @@ def child_runs(parent_run_id: str, experiment: str = "sweep-tests"):
     return client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+@pytest.mark.slow  # ~60 s: two spawned workers; the other sweep tests of this file run by default
 def test_two_worker_sweep_logs_nested_runs_and_promotes(stores, synthetic_root):
     tmp = stores["tmp"]
     settings = settings_for(tmp, write_space(tmp), synthetic_root, workers=2)
@@ -323,6 +324,20 @@ def test_bad_space_file_names_the_key(tmp_path: Path, content: str, key: str):
     assert str(path) in str(error.value) and key in str(error.value)
 
 
+def test_a_space_files_problems_are_all_in_one_message_and_presets_are_listed(tmp_path: Path):
+    """Failed before the fix: one problem at a time, and `'resnet19' has no file ...` without the known presets."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("preset: {type: categorical, choices: [resnet19]}\npruner: sometimes\n"
+                    "params:\n  train.lr: {type: float, low: 1.0, high: 0.1}\n")
+    with pytest.raises(ConfigError) as error:
+        load_space(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: 3 problems: (1) ") and "\n" not in message
+    assert "params.train.lr" in message and "pruner='sometimes'" in message
+    known = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+    assert f"'resnet19' has no file" in message and f"(known presets: {', '.join(known)})" in message
+
+
 def test_shipped_spaces_load():
     for path in sorted((REPO / "sweeps").glob("*.yaml")):
         space = load_space(path)
@@ -382,6 +397,7 @@ def _notice_limit(stores: dict) -> float:
     return max(30.0, time.monotonic() - start + 20.0)
 
 
+@pytest.mark.slow  # ~13 s; the offline named-space test beside it covers the same check in ~6 s
 def test_offline_headline_sweep_falls_back_to_the_offline_space_in_one_line(stores, tiny_mvtec):
     """`make sweep CATEGORY=...` (no SPACE) offline: first a notice naming sweeps/offline.yaml (the issue asks for
     it within 30 s), no traceback, and the study is the offline space's."""

@@ -327,6 +327,7 @@ def _tire_run(tmp_path: Path, tire_root: Path, size: int, epochs: int, seed: int
     return result
 
 
+@pytest.mark.slow  # ~60 s of real-data learning; test_names trains on the tire sample by default
 def test_learns_real_tire_defects(tmp_path: Path, tire_root: Path) -> None:
     """The learning test: 192 px, 3 epochs, per-pixel NLL map, ~35 s of training + ~75 s of encoding.
 

@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from conftest import mlflow_store
 
 
@@ -46,6 +48,7 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow  # ~20 s: starts a real `mlflow ui`
 def test_ui_link_after_the_server_answers_and_sigterm_stops_it(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store(tmp_path)}

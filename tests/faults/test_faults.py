@@ -113,6 +113,7 @@ def test_sigkilled_train_run_is_closed_by_the_next_command(stores, synthetic_roo
     assert check_runs_and_trials(None) == []
 
 
+@pytest.mark.slow  # ~17 s; test_sigkilled_train_run_is_closed_by_the_next_command covers closing by default
 def test_sigkilled_sweep_is_closed_at_once_by_the_next_run(stores, synthetic_root):
     """SIGKILL leaves no chance to clean up; re-running within the heartbeat grace (30 s) closes the dead
     worker's trial and run at once, and the parent run ends FINISHED with nothing RUNNING."""

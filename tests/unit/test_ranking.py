@@ -34,14 +34,14 @@ def test_best_trial_breaks_ties_with_the_same_protocols_metrics() -> None:
         (0.90, {"image_auroc": 0.90, "pixel_auroc": 0.85, "aupro": 0.6}),
         (0.89, {"image_auroc": 0.89, "pixel_auroc": 0.99, "aupro": 0.99}),
     ])
-    assert best_trial(paper, PAPER).number == 2  # objective tie -> pixel AUROC tie -> AUPRO
+    assert best_trial(paper.trials, PAPER).number == 2  # objective tie -> pixel AUROC tie -> AUPRO
     leak_free = _study([
         (1.0, {"val_image_auroc": 1.0, "val_pixel_auroc": 0.90, "pixel_auroc": 0.99}),
         (1.0, {"val_image_auroc": 1.0, "val_pixel_auroc": 0.95, "pixel_auroc": 0.50}),
     ])
-    assert best_trial(leak_free, LEAK_FREE).number == 1  # the test-set pixel AUROC plays no part
+    assert best_trial(leak_free.trials, LEAK_FREE).number == 1  # the test-set pixel AUROC plays no part
     exact = _study([(0.9, {"pixel_auroc": 0.8}), (0.9, {"pixel_auroc": 0.8})])
-    assert best_trial(exact, PAPER).number == 0  # a full tie keeps the earlier trial
+    assert best_trial(exact.trials, PAPER).number == 0  # a full tie keeps the earlier trial
 
 
 def test_promotion_breaks_ties_with_pixel_auroc(tmp_path: Path, stores: dict) -> None:
