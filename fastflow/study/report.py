@@ -15,7 +15,7 @@ named `report`. Rows: pages/report_rows.py; rendering: pages/report_page.py.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +34,7 @@ class ReportResult:
     rows: list[ReportRow]
     files: list[Path]
     run_id: str = ""  # the MLflow `report` run ("" when not logged)
+    reference_rows: list[ReportRow] = field(default_factory=list)  # "kNN on the same features", beside `rows`
 
 
 def write_report(experiment: str = "fastflow", out: Path = Path("reports"), uri: str = "",
@@ -42,19 +43,20 @@ def write_report(experiment: str = "fastflow", out: Path = Path("reports"), uri:
     runs = finished_runs(experiment, uri=uri)
     rows, studies = best_rows(runs), study_rows(runs)
     attach_intervals(rows, read_test_scores, read_pixel_counts)
-    rows += reference_rows(rows, runs)  # the same features without a flow, beside each of our rows
     if not rows:
         raise LookupError(f"no FINISHED run tagged category and backbone with best/image_auroc in experiment "
                           f"'{experiment}'; train or sweep first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    chart = gap_chart(rows)
+    references = reference_rows(rows, runs)  # the same features without a flow, beside each of our rows
+    shown = rows + references
+    chart = gap_chart(shown)
     (out / "paper_gap.png").write_bytes(chart)
-    (out / "paper_gap.md").write_text(markdown(rows, experiment, generated, studies))
-    (out / "paper_gap.html").write_text(html_page(rows, experiment, generated, chart, studies))
+    (out / "paper_gap.md").write_text(markdown(shown, experiment, generated, studies))
+    (out / "paper_gap.html").write_text(html_page(shown, experiment, generated, chart, studies))
     files = [out / name for name in FILES]
-    run_id = log_report_run(experiment, files, summary_metrics(rows), uri) if log_to_mlflow else ""
+    run_id = log_report_run(experiment, files, summary_metrics(shown), uri) if log_to_mlflow else ""
     log.info("report: %d rows -> %s (run %s)", len(rows), out, run_id)
-    return ReportResult(rows, files, run_id)
+    return ReportResult(rows, files, run_id, references)
 

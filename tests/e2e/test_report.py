@@ -217,7 +217,7 @@ def test_each_configuration_gets_a_knn_reference_row_beside_it(tmp_path: Path) -
             client.log_metric(run_id, key, value, step=0)
         client.set_terminated(run_id, "FINISHED")
     result = write_report("report-reference", tmp_path / "out", log_to_mlflow=True)
-    ours, knn = result.rows
+    (ours,), (knn,) = result.rows, result.reference_rows
     assert ours.implementation == "" and knn.implementation == "kNN on the same features"
     assert knn.protocol == LEAK_FREE.name and knn.run_ids == ours.run_ids and knn.epoch is None
     assert knn.ours["image_auroc"] == pytest.approx(0.94) and knn.spread["image_auroc"] == pytest.approx(
