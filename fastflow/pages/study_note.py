@@ -139,7 +139,7 @@ def study_description(study_name: str, category: str, protocol: Protocol, rows: 
         counts[row.state] = counts.get(row.state, 0) + 1
     best = next((row for row in rows if row.place == 1), None)
     head = [champion_line(champion, best, protocol), "",
-            *(f"Reference{f' ({code(preset)} features)' if preset else ''}: {md(line)}." for preset, line
+            *(f"- Reference{f' ({code(preset)} features)' if preset else ''}: {md(line)}." for preset, line
               in reference_lines(rows).items()), "",
             f"Study {code(study_name)}, category {code(category)}: {len(rows)} trials ("
             + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + f"), selection protocol **{protocol.label}**, "
