@@ -1,7 +1,8 @@
 import sys, torch, numpy as np, torch.nn.functional as F
-sys.path.insert(0, '/work/scratch')
-import probe, knn
-from fastflow import metrics as M
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
+import probe
+from fastflow.core import knn
+from fastflow.core import metrics as M
 torch.set_num_threads(2)
 cfg, splits, enc = probe.encoded_for('screw', 0)
 lab = enc.test.labels.numpy()

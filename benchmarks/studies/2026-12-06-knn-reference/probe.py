@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastflow.config import load_config
-from fastflow.data import make_splits
-from fastflow.model import FastFlow, ChannelNorm
-from fastflow.flow import build_flow, run_flow
-from fastflow.train import encode_splits, seed_everything
-from fastflow import metrics as M
+from fastflow.runtime.config import load_config
+from fastflow.data.dataset import make_splits
+from fastflow.core.model import FastFlow, ChannelNorm
+from fastflow.core.flow import build_flow, run_flow
+from fastflow.engine.encode import encode_splits
+from fastflow.engine.train import seed_everything
+from fastflow.core import metrics as M
 
 ROOTS = {"screw": "../shared/data/mvtec_screw", "tire": "../shared/data/mvtec3d_tire"}
 
@@ -29,7 +30,7 @@ def encoded_for(category, seed, size=256, indices=(1, 2, 3)):
     cfg = load_config("experiments/efficientnet_lite0.yaml", [
         f"data.root={ROOTS[category]}", f"data.category={category}", f"train.seed={seed}",
         f"model.input_size={size}", f"model.feature_indices=[{','.join(map(str, indices))}]",
-        "train.cache_dir=/work/cache/features", "tracking.enabled=false"])
+        "train.cache_dir=.cache/features", "tracking.enabled=false"])
     seed_everything(seed)
     splits = make_splits(cfg.data, 0, seed)
     model = FastFlow(cfg.model)
@@ -97,7 +98,7 @@ class Flows(nn.Module):
 
 def local_flow(c, h, w, steps, hidden, clamp, kernel):
     import FrEIA.framework as Ff
-    from fastflow.flow import PositionLogJacBlock, subnet_conv
+    from fastflow.core.flow import PositionLogJacBlock, subnet_conv
     flow = Ff.SequenceINN(c, h, w)
     for step in range(steps):
         ks = kernel if kernel in (1, 3) else (3 if step % 2 == 0 else 1)

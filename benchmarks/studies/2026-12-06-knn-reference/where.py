@@ -1,6 +1,6 @@
 import torch, numpy as np, torch.nn.functional as F, sys
-sys.path.insert(0, '/work/scratch')
-from fastflow import metrics as M
+sys.path.insert(0, str(__import__('pathlib').Path(__file__).parent))
+from fastflow.core import metrics as M
 from PIL import Image
 for ep in (3, 10):
     d = torch.load(f"/tmp/diag/epoch{ep}.pt", weights_only=False)
@@ -26,7 +26,7 @@ for ep in (3, 10):
             border[lab == 0].mean(), border[lab == 1].mean(), indef[lab == 1].mean()))
     # foreground: image darkness
     names = d["names"]
-    imgs = np.stack([np.asarray(Image.open("/work/shared/data/mvtec_screw/screw/test/" + n.split('/')[0] + "/" + n.split('/')[-1]).convert("L").resize((256, 256))) for n in names]) / 255.
+    imgs = np.stack([np.asarray(Image.open("../shared/data/mvtec_screw/screw/test/" + n.split('/')[0] + "/" + n.split('/')[-1]).convert("L").resize((256, 256))) for n in names]) / 255.
     fg = torch.from_numpy(imgs < 0.5).float().unsqueeze(1)  # screw darker than background?
     print("fg fraction mean", fg.mean().item(), "mean level good %.3f defect %.3f" % (imgs[lab == 0].mean(), imgs[lab == 1].mean()))
     for s, m in enumerate(nll):
