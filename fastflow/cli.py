@@ -37,9 +37,9 @@ def _train(args) -> int:
     best = {k.split("/")[-1]: round(v, 4) for k, v in result.best_metrics.items() if k.startswith("eval/")}
     print(f"best epoch {result.best_epoch}, selected on {result.selection_protocol}: {best}")
     if result.reference:
-        from fastflow.pages.reference import reference_line
+        from fastflow.pages.reference import reference_line, reference_values
 
-        print(reference_line(result.reference, cfg.data.category))
+        print(reference_line(reference_values(result.reference), cfg.data.category))
     print(f"stored threshold: {result.threshold_source}")
     from fastflow.engine.selection import fidelity_line
 
@@ -54,9 +54,9 @@ def _reference(args) -> int:
     signals.install()
     cfg = load_config(args.config, args.set)
     from fastflow.engine.encode import reference_of
-    from fastflow.pages.reference import reference_line
+    from fastflow.pages.reference import reference_line, reference_values
 
-    print(reference_line(reference_of(cfg), cfg.data.category))
+    print(reference_line(reference_values(reference_of(cfg)), cfg.data.category))
     return 0
 
 

@@ -40,10 +40,10 @@ def reference_metrics(train: EncodedSplit, test: EncodedSplit, strides: list[int
     values = {"image_auroc": M.image_auroc(labels, scores.numpy())}
     values.update(zip(M.interval_keys("image_auroc"), M.image_auroc_interval(labels, scores.numpy())))
     if bool(masks.any()):
-        counts = M.pixel_counts(masks[:, 0].numpy(), maps[:, 0].numpy())
-        values["pixel_auroc"] = M.pixel_auroc(masks[:, 0].numpy(), maps[:, 0].numpy())
-        values.update(zip(M.interval_keys("pixel_auroc"), M.pixel_auroc_interval_of_counts([counts])))
-        values["aupro"] = M.aupro(masks[:, 0].numpy(), maps[:, 0].numpy(), aupro_fpr_limit)
+        gt, amap = masks[:, 0].numpy(), maps[:, 0].numpy()
+        values["pixel_auroc"] = M.pixel_auroc(gt, amap)
+        values.update(zip(M.interval_keys("pixel_auroc"), M.pixel_auroc_interval_of_counts([M.pixel_counts(gt, amap)])))
+        values["aupro"] = M.aupro(gt, amap, aupro_fpr_limit)
         off_defect = off_defect_scores(maps, masks, ScoreSettings(image_score="max"))
         values[M.OFF_DEFECT] = M.image_auroc(labels, off_defect.numpy())
     values["seconds"] = time.perf_counter() - start

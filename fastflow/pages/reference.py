@@ -27,9 +27,8 @@ def reference_figure(values: Mapping[str, float], metric: str) -> str:
 
 
 def reference_line(values: Mapping[str, float], category: str = "") -> str:
-    """One line for the terminal and the run descriptions: every figure of the reference, and its protocol.
-    `values`: `reference_values`, or a run's `reference/*` metrics as they are."""
-    values = reference_values(values) or dict(values)
+    """One line for the terminal and the run descriptions: every figure of the reference (`reference_values`), and
+    its protocol."""
     where = f" on {category}" if category else ""
     figures = ", ".join(f"{label} {reference_figure(values, metric)}" for metric, label in FIGURES.items())
     return f"{LABEL}{where} ({PROTOCOL_NOTE}; scored on the test set): {figures}"
