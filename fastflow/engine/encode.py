@@ -67,7 +67,7 @@ def reference_of(cfg: RunConfig) -> dict[str, float]:
     model = FastFlow(cfg.model).to(device)
     encoded = encode_splits(model, cfg, splits, device)
     return knn_reference(cfg, model.backbone.strides, lambda: train_features(model, cfg, splits.train, encoded, device),
-                         encoded)
+                         encoded).metrics
 
 
 def train_batches(model: FastFlow, cfg: RunConfig, splits: Splits, encoded: Encoded, device: torch.device,

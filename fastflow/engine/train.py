@@ -76,6 +76,8 @@ class TrainResult:
     threshold_source: str = ""
     fidelity: Optional[Fidelity] = None  # validation vs test across evaluated epochs (None without held-out normals)
     reference: dict[str, float] = field(default_factory=dict)  # reference/* of the kNN reference (engine.reference)
+    reference_scores: dict = field(default_factory=dict)  # its per-image test scores: images, labels, scores
+    reference_pixel_counts: Optional[tuple] = None  # its binned test pixels (normal, defect), as `pixel_counts`
 
 
 def seed_everything(seed: int) -> None:
@@ -240,9 +242,9 @@ def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, Train
     features = functools.cache(lambda: train_features(model, cfg, splits.train, encoded, device))
     if cfg.model.feature_norm == "auto":  # how aligned the training parts are chooses the norm (core.alignment)
         cfg = choose_feature_norm(cfg, model, features(), tracker)
-    reference = knn_reference(cfg, model.backbone.strides, features, encoded) if cfg.eval.knn_reference else {}
+    reference = knn_reference(cfg, model.backbone.strides, features, encoded) if cfg.eval.knn_reference else None
     if tracker is not None and reference:  # the same features without a flow: the backbone's gap or the flow's?
-        tracker.log_metrics(reference, step=0)
+        tracker.log_metrics(reference.metrics, step=0)
     optimizer, scheduler, steps_per_epoch = make_optimizer(model, cfg, len(splits.train))
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
     shown = heatmap_indices(encoded.test.labels, cfg.eval.heatmap_images)
@@ -251,7 +253,11 @@ def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, Train
               load_images(splits.test, shown, cfg.model.input_size) if tracker is not None else None,
               [f"{s.defect}/{Path(s.image).name}" for s in splits.test])
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
-                         selection_protocol=protocol.label, threshold_source=threshold_source, reference=reference)
+                         selection_protocol=protocol.label, threshold_source=threshold_source)
+    if reference:
+        result.reference, result.reference_pixel_counts = reference.metrics, reference.pixel_counts
+        result.reference_scores = {"images": run.test_names, "labels": encoded.test.labels.tolist(),
+                                   "scores": reference.image_scores}
     return run, result
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from fastflow.pages.report_page import gap_chart, html_page, markdown, summary_metrics
 from fastflow.pages.report_rows import ReportRow, attach_intervals, best_rows, reference_rows, study_rows
+from fastflow.tracking.logger import REFERENCE_PIXEL_COUNTS, REFERENCE_TEST_SCORES
 from fastflow.tracking.results import finished_runs, read_pixel_counts, read_test_scores
 from fastflow.tracking.runs import log_report_run
 
@@ -50,6 +51,8 @@ def write_report(experiment: str = "fastflow", out: Path = Path("reports"), uri:
     out.mkdir(parents=True, exist_ok=True)
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     references = reference_rows(rows, runs)  # the same features without a flow, beside each of our rows
+    attach_intervals(references, lambda run_id: read_test_scores(run_id, REFERENCE_TEST_SCORES),
+                     lambda run_id: read_pixel_counts(run_id, REFERENCE_PIXEL_COUNTS))
     shown = rows + references
     chart = gap_chart(shown)
     (out / "paper_gap.png").write_bytes(chart)

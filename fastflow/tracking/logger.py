@@ -33,6 +33,8 @@ BEST_HEATMAPS = "heatmaps/best_epoch.png"  # the best epoch's grid as a plain ar
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"  # the best checkpoint: what predict/export/the pyfunc load, as data
 TEST_SCORES = "test_scores.json"  # per-image test-set scores at the best epoch (test protocol data, for analysis)
 TEST_PIXEL_COUNTS = "test_pixel_counts.npz"  # per-image pixel counts per map-value bin at the best epoch (metrics.pixel_counts)
+REFERENCE_TEST_SCORES = "reference/test_scores.json"  # the same for the kNN reference on the same features
+REFERENCE_PIXEL_COUNTS = "reference/test_pixel_counts.npz"
 MODEL_OUTPUTS = (("scores", np.float32, (-1,)), ("normalized_scores", np.float32, (-1,)),
                  ("is_anomalous", np.bool_, (-1,)), ("anomaly_maps", np.float32, (-1, -1, -1)))
 
@@ -119,6 +121,10 @@ class MlflowTracker:
             self.client.log_dict(self.run_id, result.test_scores, TEST_SCORES)
         if result.pixel_counts is not None:  # the test maps, binned per image: pixel AUROC intervals over seeds
             log_pixel_counts(self.client, self.run_id, result.pixel_counts)
+        if result.reference_scores:  # the kNN reference's own, for its row's intervals over seeds in a report
+            self.client.log_dict(self.run_id, result.reference_scores, REFERENCE_TEST_SCORES)
+        if result.reference_pixel_counts is not None:
+            log_pixel_counts(self.client, self.run_id, result.reference_pixel_counts, REFERENCE_PIXEL_COUNTS)
         self._log_best_heatmaps(result.best_epoch)
         with tempfile.TemporaryDirectory() as folder:
             config_path = Path(folder) / "config.yaml"
@@ -174,11 +180,12 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
     client.set_tag(run_id, "model_name", name)
 
 
-def log_pixel_counts(client: MlflowClient, run_id: str, counts: tuple[np.ndarray, np.ndarray]) -> None:
-    """`metrics.pixel_counts` (normal, defect) as the compressed array file `TEST_PIXEL_COUNTS`."""
+def log_pixel_counts(client: MlflowClient, run_id: str, counts: tuple[np.ndarray, np.ndarray],
+                     artifact: str = TEST_PIXEL_COUNTS) -> None:
+    """`metrics.pixel_counts` (normal, defect) as the compressed array file `artifact`."""
     with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / TEST_PIXEL_COUNTS
+        path = Path(folder) / Path(artifact).name
         np.savez_compressed(path, normal=counts[0], defect=counts[1])
-        client.log_artifact(run_id, str(path))
+        client.log_artifact(run_id, str(path), str(Path(artifact).parent) if Path(artifact).parent.name else None)
 
 

@@ -30,16 +30,17 @@ def child_run_summaries(parent_run_id: str) -> dict[str, dict]:
                               "tags": dict(run.data.tags)} for run in runs}
 
 
-def read_test_scores(run_id: str) -> Optional[dict]:
-    """A run's per-image test scores at its best epoch (`TEST_SCORES`), or None when it has none."""
-    data = read_artifact(run_id, TEST_SCORES)
+def read_test_scores(run_id: str, artifact: str = TEST_SCORES) -> Optional[dict]:
+    """A run's per-image test scores at its best epoch (`TEST_SCORES`; the kNN reference's: `REFERENCE_TEST_SCORES`),
+    or None when it has none."""
+    data = read_artifact(run_id, artifact)
     return json.loads(data) if data is not None else None
 
 
-def read_pixel_counts(run_id: str) -> Optional[tuple[np.ndarray, np.ndarray]]:
+def read_pixel_counts(run_id: str, artifact: str = TEST_PIXEL_COUNTS) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """A run's binned test pixels at its best epoch (`TEST_PIXEL_COUNTS`: normal, defect), or None. Read as plain
     arrays (no pickles)."""
-    data = read_artifact(run_id, TEST_PIXEL_COUNTS)
+    data = read_artifact(run_id, artifact)
     if data is None:
         return None
     with np.load(io.BytesIO(data), allow_pickle=False) as arrays:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import fast_config, restored_tracking_uri
+from conftest import fast_config, mlflow_store, restored_tracking_uri
 from fastflow import cli
 from fastflow.engine.reference import CACHE_FOLDER, PREFIX
 from fastflow.engine.encode import reference_of
@@ -37,7 +37,7 @@ def test_reference_is_logged_once_per_run_and_computed_once_per_cache_entry(tmp_
     written = stored.stat().st_mtime_ns
     second, second_run = _tracked(cfg)
     assert _stored(tmp_path) == [stored] and stored.stat().st_mtime_ns == written  # read back, not recomputed
-    assert second == first == json.loads(stored.read_text())
+    assert second == first == json.loads(stored.read_text())["metrics"]
     client = MlflowClient(cfg.tracking.uri)
     for run_id in (first_run, second_run):
         history = client.get_metric_history(run_id, PREFIX + "image_auroc")
@@ -55,11 +55,49 @@ def test_a_damaged_reference_entry_is_recomputed_and_replaced(tmp_path: Path, sy
     values = reference_of(cfg)
     [stored] = _stored(tmp_path)
     figures = lambda found: {k: v for k, v in found.items() if k != PREFIX + "seconds"}  # (the time it took varies)
-    for damage in ('{"reference/image_auroc": "high"}', "{not json", ""):
+    damages = ('{"reference/image_auroc": 0.9}',  # the first format: metrics alone
+               '{"metrics": {"reference/image_auroc": "high"}, "image_scores": [1.0]}',
+               '{"metrics": {"reference/image_auroc": 0.9}, "image_scores": "none"}',
+               '{"metrics": {"reference/image_auroc": 0.9}, "image_scores": [1.0], "pixel_counts": [[1], [2]]}',
+               "{not json", "")
+    for damage in damages:
         stored.write_text(damage)
         again = reference_of(cfg)
         assert figures(again) == figures(values)
-        assert json.loads(stored.read_text()) == again
+        assert json.loads(stored.read_text())["metrics"] == again
+
+
+def test_a_report_puts_an_interval_over_seeds_on_the_knn_row(tmp_path: Path, synthetic_root: Path) -> None:
+    """Two seeds (two held-out splits of the training images: two memory banks) on the same test images: the report's
+    kNN row is their mean with the bootstrap interval of that mean over test images, from each run's logged per-image
+    kNN scores."""
+    import shutil
+
+    import numpy as np
+
+    from fastflow.core.metrics import image_auroc_interval
+    from fastflow.study.report import write_report
+
+    root = tmp_path / "data"  # the synthetic parts without a validation/good folder: each seed holds out its own
+    shutil.copytree(synthetic_root / "synthetic", root / "woven", ignore=shutil.ignore_patterns("validation"))
+    runs = {seed: _tracked(fast_config(tmp_path, *SETTINGS, f"train.seed={seed}", "data.category=woven",
+                                       "data.val_fraction=0.25", "tracking.experiment=knn-seeds", data_root=root))
+            for seed in (0, 1)}
+    client = MlflowClient(mlflow_store(tmp_path))
+    with restored_tracking_uri():
+        result = write_report("knn-seeds", tmp_path / "report", uri=mlflow_store(tmp_path), log_to_mlflow=False)
+    (knn,) = result.reference_rows
+    assert sorted(knn.run_ids) == sorted(run_id for _, run_id in runs.values())
+    logged = [json.loads(Path(client.download_artifacts(run_id, "reference/test_scores.json", str(tmp_path))).read_text())
+              for _, run_id in runs.values()]
+    assert logged[0]["images"] == logged[1]["images"] and logged[0]["scores"] != logged[1]["scores"]  # two banks
+    expected = image_auroc_interval(np.array(logged[0]["labels"]), np.array([s["scores"] for s in logged]))
+    assert knn.intervals["image_auroc"] == pytest.approx(expected)
+    low, high = knn.intervals["pixel_auroc"]
+    assert low <= knn.ours["pixel_auroc"] <= high and high - low > 0
+    markdown = (tmp_path / "report" / "paper_gap.md").read_text()
+    assert (f"(kNN on the same features, measured here) | 2 | {knn.ours['image_auroc']:.3f} ± "
+            f"{knn.spread['image_auroc']:.3f} [{expected[0]:.3f}, {expected[1]:.3f}] |") in markdown
 
 
 def test_reference_alone_from_the_command_line(tmp_path: Path, synthetic_root: Path,
