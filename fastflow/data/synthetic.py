@@ -200,7 +200,10 @@ def _stored_record(cat_dir: Path) -> dict | None:
 
 def _check_replaceable(cat_dir: Path) -> None:
     """Only an earlier synthetic category (or an empty folder) may be replaced."""
-    ours = cat_dir.is_dir() and ((cat_dir / SPEC_FILE).exists() or not any(cat_dir.iterdir()))
+    try:
+        ours = cat_dir.is_dir() and ((cat_dir / SPEC_FILE).exists() or not any(cat_dir.iterdir()))
+    except FileNotFoundError:
+        return  # renamed away by a concurrent process while we looked: nothing is left there to protect
     if cat_dir.exists() and not ours:
         raise FileExistsError(f"{cat_dir} exists and is not a synthetic category; not overwriting")
 

@@ -123,6 +123,18 @@ def test_interrupted_generation_leaves_no_category(tmp_path: Path, monkeypatch: 
     assert _files(cat) == _files(generate_category(tmp_path / "ref", SMALL))
 
 
+def test_a_category_moved_away_while_checked_counts_as_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race two processes replacing a stale category met (lock-free path, CI): one sees the folder, the other
+    renames it away before the first lists it; the first must go on (absent), not fail with FileNotFoundError."""
+    gone, is_dir = tmp_path / "synthetic", Path.is_dir
+    monkeypatch.setattr(Path, "is_dir", lambda self: True if self == gone else is_dir(self))  # seen, then gone
+    synthetic._check_replaceable(gone)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "precious.txt").write_text("user data")
+    with pytest.raises(FileExistsError):  # a folder that is there and not ours is still refused
+        synthetic._check_replaceable(tmp_path / "other")
+
+
 def _ensure_worker(root: str, spec: SyntheticSpec, barrier: "mp.synchronize.Barrier") -> None:
     barrier.wait()
     ensure_category(Path(root), spec)
