@@ -243,7 +243,7 @@ def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, Train
     if cfg.model.feature_norm == "auto":  # how aligned the training parts are chooses the norm (core.alignment)
         cfg = choose_feature_norm(cfg, model, features(), tracker)
     reference = knn_reference(cfg, model.backbone.strides, features, encoded) if cfg.eval.knn_reference else None
-    if tracker is not None and reference:  # the same features without a flow: the backbone's gap or the flow's?
+    if tracker is not None and reference is not None:  # the same features without a flow: the backbone's gap or the flow's?
         tracker.log_metrics(reference.metrics, step=0)
     optimizer, scheduler, steps_per_epoch = make_optimizer(model, cfg, len(splits.train))
     ema = make_ema(model, ema_decay(cfg.train.ema_halflife, steps_per_epoch)) if cfg.train.ema_halflife > 0 else None
@@ -254,7 +254,7 @@ def setup(cfg: RunConfig, tracker: Optional[Tracker] = None) -> tuple[Run, Train
               [f"{s.defect}/{Path(s.image).name}" for s in splits.test])
     result = TrainResult(best_epoch=0, best_metrics={}, flow_parameters=flow_parameters,
                          selection_protocol=protocol.label, threshold_source=threshold_source)
-    if reference:
+    if reference is not None:
         result.reference, result.reference_pixel_counts = reference.metrics, reference.pixel_counts
         result.reference_scores = {"images": run.test_names, "labels": encoded.test.labels.tolist(),
                                    "scores": reference.image_scores}

@@ -183,9 +183,10 @@ def log_pyfunc_model(run_id: str, checkpoint_path: Path, category: str) -> None:
 def log_pixel_counts(client: MlflowClient, run_id: str, counts: tuple[np.ndarray, np.ndarray],
                      artifact: str = TEST_PIXEL_COUNTS) -> None:
     """`metrics.pixel_counts` (normal, defect) as the compressed array file `artifact`."""
+    parent = Path(artifact).parent  # "." for a file at the artifact root
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / Path(artifact).name
         np.savez_compressed(path, normal=counts[0], defect=counts[1])
-        client.log_artifact(run_id, str(path), str(Path(artifact).parent) if Path(artifact).parent.name else None)
+        client.log_artifact(run_id, str(path), None if parent == Path(".") else str(parent))
 
 
